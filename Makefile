@@ -1,0 +1,73 @@
+# grasp — set-up, demo, tests, benchmarks.
+#   make demo      create .venv, install, run the whole pipeline on the built-in demo corpus
+#   make test      create .venv, install with test extras, run pytest
+# Torch defaults to the CPU build that lies on this machine's disk; pick another with e.g.
+#   make demo TORCH_SPEC='torch==2.5.1' TORCH_INDEX='--index-url https://download.pytorch.org/whl/cu124'
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+CONFIG      ?= configs/demo.toml
+RUN         ?= runs/demo
+PYTEST_ARGS ?= -m "not slow"
+
+BIN   := $(VENV)/bin
+GRASP := $(BIN)/grasp
+
+.PHONY: demo pipeline test test-all lint bench repro clean install install-test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(BIN)/python -m pip install --quiet -e ".[report]"
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.toml RUN=$(RUN)
+
+# The whole pipeline for one config, locally; each stage skips work that is already done.
+pipeline:
+	$(GRASP) prepare --config $(CONFIG) --run $(RUN)
+	$(GRASP) sketch --config $(CONFIG) --run $(RUN)
+	$(GRASP) retrain-subsets --config $(CONFIG) --run $(RUN)
+	$(GRASP) fit-surrogate --config $(CONFIG) --run $(RUN)
+	$(GRASP) score --config $(CONFIG) --run $(RUN)
+	$(GRASP) select --config $(CONFIG) --run $(RUN)
+	$(GRASP) retrain-subsets --config $(CONFIG) --run $(RUN) --curation
+	$(GRASP) report --config $(CONFIG) --run $(RUN)
+	@echo "report: $(RUN)/report/index.html"
+
+repro: $(VENV)/.installed
+	$(MAKE) --no-print-directory pipeline CONFIG=$(CONFIG) RUN=runs/$(basename $(notdir $(CONFIG)))
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check grasp_cli tests scripts
+	$(BIN)/ruff format --check grasp_cli tests scripts
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python scripts/bench_sketch.py --json bench-sketch.json
+	$(BIN)/python scripts/bench_retrain.py --json bench-retrain.json
+	$(BIN)/python scripts/bench_select.py --json bench-select.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

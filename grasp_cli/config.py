@@ -1,0 +1,350 @@
+"""Typed run configuration: TOML recipes, dotted overrides, strict validation.
+
+One ``GraspConfig`` holds a section dataclass per concern. Every field has a
+default and a help string (``field(metadata={"help": ...})``). Loading checks
+every key and type and raises ``ConfigError`` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grasp_cli.errors import ConfigError
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunSection:
+    seed: int = _f(0, "Master seed; every other seed is derived from it unless set.")
+    device: str = _f("cpu", "Torch device for sketching and training ('cpu', 'cuda', 'cuda:1', 'auto').")
+    threads: int = _f(0, "torch.set_num_threads; 0 keeps torch's default.")
+
+
+@dataclass
+class PrepareSection:
+    demo: bool = _f(False, "Build the offline demo corpus from Python's own docs and stdlib sources.")
+    inputs: list[str] = _f([], "Files, folders or globs of .txt / .jsonl / .parquet documents.")
+    tasks: dict[str, str] = _f({}, "Target tasks: name -> file/folder/glob of documents.")
+    holdout_domains: list[str] = _f([], "Domains whose held-out documents become target tasks.")
+    holdout_fraction: float = _f(0.25, "Fraction of each holdout domain's documents moved to its task.")
+    demo_domains: list[str] = _f(
+        [],
+        "Demo only: stdlib packages used as domains (empty = the built-in list); 'docs' is pydoc prose.",
+    )
+    max_docs_per_domain: int = _f(0, "Cap on documents per domain (0 = no cap).")
+    max_seqs_per_domain: int = _f(0, "Cap on corpus sequences per domain (0 = no cap).")
+    max_task_seqs: int = _f(0, "Cap on sequences per task (0 = no cap).")
+    seq_len: int = _f(64, "Tokens per training sequence (bytes); each stored row has seq_len+1 tokens.")
+    shard_rows: int = _f(100_000, "Rows per corpus Parquet shard.")
+    row_group_rows: int = _f(8192, "Rows per Parquet row group.")
+    image_size: int = _f(0, "Vision: resize images to this square size (0 = keep; all must match).")
+
+
+@dataclass
+class ModelSection:
+    kind: str = _f("transformer", "'transformer' (byte LM), 'mlp', 'cnn', or 'plugin'.")
+    factory: str = _f("", "For kind='plugin': 'package.module:function' returning a ModelBundle.")
+    n_layer: int = _f(2, "Transformer blocks.")
+    n_head: int = _f(2, "Attention heads.")
+    d_model: int = _f(64, "Transformer width.")
+    hidden: int = _f(128, "MLP hidden width.")
+    channels: int = _f(16, "CNN channels in the first conv layer.")
+    options: dict[str, Any] = _f({}, "Free-form options passed to a plugin factory.")
+
+
+@dataclass
+class ReferenceSection:
+    checkpoint: str = _f("", "State dict of θ0 (weights_only); empty = train one on a random slice.")
+    slice_fraction: float = _f(0.5, "Fraction of the corpus the reference model is trained on.")
+    steps: int = _f(300, "Optimizer steps for the reference model.")
+    batch_size: int = _f(32, "Sequences per step.")
+    lr: float = _f(3e-3, "Peak learning rate (AdamW, cosine decay).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_steps: int = _f(20, "Linear warm-up steps.")
+
+
+@dataclass
+class SketchSection:
+    projection: str = _f("kronecker", "'gaussian', 'rademacher', 'sjlt' or 'kronecker'.")
+    k: int = _f(256, "Sketch dimension; any prefix k' <= k is itself a sketch.")
+    kron_dim: int = _f(16, "Kronecker: per-side factor dimension (k_in = k_out) for each linear layer.")
+    sjlt_nnz: int = _f(4, "SJLT: non-zeros per input coordinate.")
+    params: list[str] = _f([], "Parameter-name globs to sketch (empty = all for dense, all Linear for kronecker).")
+    seed: int = _f(-1, "Projection seed (-1 = derived from run.seed).")
+    batch_size: int = _f(64, "Examples per per-example-gradient batch.")
+    dtype: str = _f("float32", "Stored sketch dtype: 'float32' or 'float16'.")
+    chunk_rows: int = _f(1024, "Rows per Zarr chunk (the unit of sharding and resumption).")
+    task_batch_size: int = _f(256, "Examples per batch when accumulating task gradients.")
+
+
+@dataclass
+class SubsetsSection:
+    designs: dict[str, int] = _f(
+        {"mixture": 48, "uniform": 16},
+        "Subsets to sample per design: 'mixture', 'uniform', 'within', 'given'.",
+    )
+    eval_fraction: float = _f(0.35, "Fraction of sampled subsets held out for evaluation only.")
+    uniform_alpha: float = _f(0.5, "uniform: keep-probability of each example.")
+    dirichlet_alpha: float = _f(0.5, "mixture: Dirichlet concentration over domains.")
+    size_min: float = _f(0.1, "mixture/within: smallest subset, as a fraction of N.")
+    size_max: float = _f(0.5, "mixture/within: largest subset, as a fraction of N.")
+    given: str = _f("", "Parquet file of (subset_id, id[, role]) for the 'given' design.")
+    seed: int = _f(-1, "Design seed (-1 = derived from run.seed).")
+
+
+@dataclass
+class RetrainSection:
+    init: str = _f("reference", "'reference' (continue from θ0) or 'scratch'.")
+    steps: int = _f(60, "Optimizer steps per subset (fixed compute, whatever the subset size).")
+    batch_size: int = _f(32, "Sequences per step.")
+    lr: float = _f(1e-3, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_steps: int = _f(5, "Linear warm-up steps.")
+    seed: int = _f(-1, "Training seed shared by all subsets (common random numbers; -1 = derived).")
+    repeat_subsets: int = _f(0, "How many subsets to retrain again with other seeds (noise ceiling).")
+    repeat_seeds: int = _f(1, "Extra seeds for each repeated subset.")
+    parallel_models: int = _f(1, "Models trained at once with torch.func.vmap (1 = one at a time).")
+    eval_batch_size: int = _f(256, "Examples per batch when evaluating tasks.")
+
+
+@dataclass
+class SurrogateSection:
+    k_grid: list[int] = _f([32, 128], "Sketch prefix dims k' tried by the LCB protocol.")
+    geometry_grid: list[str] = _f(["identity", "diagonal"], "Geometries G: identity, diagonal, whitened.")
+    ridge_grid: list[float] = _f([1.0, float("inf")], "Residual-correction ridge λ (inf = no correction).")
+    aggregation_grid: list[str] = _f(["mean"], "Subset aggregation: 'mean' and/or 'sum'.")
+    folds: int = _f(5, "K in repeated K-fold cross-validation.")
+    repeats: int = _f(2, "Repeats of K-fold.")
+    delta: float = _f(0.1, "Failure probability of the lower confidence bound.")
+    baseline_ridge_grid: list[float] = _f([1e-3, 1e-1, 10.0], "λ grid (relative) for TRAK/datamodels/mixture.")
+    datamodels_max_n: int = _f(200_000, "Skip datamodels above this corpus size.")
+    cost_curve: list[int] = _f([8, 16, 32], "Fit-subset counts for the artifact-cost curve (plus all).")
+    bootstrap: int = _f(1000, "Bootstrap resamples for confidence intervals.")
+    seed: int = _f(-1, "Seed for folds and bootstrap (-1 = derived).")
+
+
+@dataclass
+class ScoreSection:
+    reference: str = _f("corpus", "Reference set for example gains: 'corpus' or 'selection'.")
+    subsets: str = _f("", "Parquet file of (subset_id, id) to score; empty = the sampled subsets.")
+    chunk_rows: int = _f(65536, "Examples per part file of example scores.")
+
+
+@dataclass
+class SelectSection:
+    budget: float = _f(0.25, "Subset size: a count (>= 1) or a fraction of N (< 1).")
+    algorithm: str = _f("auto", "'greedy' (exact lazy greedy), 'stream' (iterated linearization), 'auto'.")
+    task_weights: dict[str, float] = _f({}, "Weight per task (missing = 1).")
+    domain_caps: dict[str, float] = _f({}, "Max share (<= 1) or count (> 1) per domain.")
+    robust: str = _f("none", "'none', 'tasks' (LCB across tasks) or 'bootstrap' (LCB across refits).")
+    robust_kappa: float = _f(1.0, "Robust mode: mean - kappa * std.")
+    max_iters: int = _f(20, "Stream: most passes over the sketches.")
+    greedy_max_n: int = _f(50_000, "auto: exact greedy up to this N, stream above.")
+    block_rows: int = _f(262_144, "Stream: rows read per block.")
+    curation: bool = _f(True, "Write GRASP / random / additive-top-B selections for the curation check.")
+
+
+@dataclass
+class GraspConfig:
+    run: RunSection = field(default_factory=RunSection)
+    prepare: PrepareSection = field(default_factory=PrepareSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    reference: ReferenceSection = field(default_factory=ReferenceSection)
+    sketch: SketchSection = field(default_factory=SketchSection)
+    subsets: SubsetsSection = field(default_factory=SubsetsSection)
+    retrain: RetrainSection = field(default_factory=RetrainSection)
+    surrogate: SurrogateSection = field(default_factory=SurrogateSection)
+    score: ScoreSection = field(default_factory=ScoreSection)
+    select: SelectSection = field(default_factory=SelectSection)
+
+    def section_dict(self, name: str) -> dict[str, Any]:
+        return dataclasses.asdict(getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def derived_seed(self, explicit: int, salt: str) -> int:
+        """``explicit`` when >= 0, else a stable seed derived from run.seed and ``salt``."""
+        if explicit >= 0:
+            return explicit
+        digest = hashlib.sha256(f"{self.run.seed}:{salt}".encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+
+
+def sections_hash(config: GraspConfig, sections: list[str]) -> str:
+    """Stable hash of the named sections: what an artifact's validity depends on."""
+    payload = {name: config.section_dict(name) for name in sections}
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints widen to floats. Raises ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (list,):
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict,):
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return {str(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} has the wrong type")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value.lower() in ("inf", "+inf", "infinity"):
+            return float("inf")
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _apply_table(config: GraspConfig, table: dict[str, Any], source: str) -> None:
+    hints = typing.get_type_hints(GraspConfig)
+    for section_name, section_values in table.items():
+        if section_name not in hints:
+            known = ", ".join(hints)
+            raise ConfigError(f"{source}: unknown section [{section_name}] (known: {known})")
+        if not isinstance(section_values, dict):
+            raise ConfigError(f"{source}: [{section_name}] must be a table")
+        section = getattr(config, section_name)
+        section_hints = typing.get_type_hints(type(section))
+        for key, value in section_values.items():
+            if key not in section_hints:
+                known = ", ".join(section_hints)
+                raise ConfigError(f"{source}: unknown key {section_name}.{key} (known: {known})")
+            coerced = _coerce(value, section_hints[key], f"{source}: {section_name}.{key}")
+            setattr(section, key, coerced)
+
+
+def _parse_override_value(text: str) -> Any:
+    """Parse the right-hand side of ``--set a.b=VALUE`` as a TOML value, else keep the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if text.lower() in ("inf", "+inf"):
+            return float("inf")
+        return text
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> GraspConfig:
+    """Defaults, then the TOML file, then ``section.key=value`` overrides (TOML syntax for values)."""
+    config = GraspConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        _apply_table(config, table, str(path))
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        _apply_table(config, {section: {key: _parse_override_value(raw.strip())}}, f"--set {dotted}")
+    validate(config)
+    return config
+
+
+_CHOICES = {
+    ("model", "kind"): ("transformer", "mlp", "cnn", "plugin"),
+    ("sketch", "projection"): ("gaussian", "rademacher", "sjlt", "kronecker"),
+    ("sketch", "dtype"): ("float32", "float16"),
+    ("retrain", "init"): ("reference", "scratch"),
+    ("select", "algorithm"): ("auto", "greedy", "stream"),
+    ("select", "robust"): ("none", "tasks", "bootstrap"),
+    ("score", "reference"): ("corpus", "selection"),
+}
+
+
+def validate(config: GraspConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key} = {value!r}: choose one of {', '.join(choices)}")
+    for geometry in config.surrogate.geometry_grid:
+        if geometry not in ("identity", "diagonal", "whitened"):
+            raise ConfigError(f"surrogate.geometry_grid: unknown geometry {geometry!r}")
+    for aggregation in config.surrogate.aggregation_grid:
+        if aggregation not in ("mean", "sum"):
+            raise ConfigError(f"surrogate.aggregation_grid: unknown aggregation {aggregation!r}")
+    for design in config.subsets.designs:
+        if design not in ("mixture", "uniform", "within", "given"):
+            raise ConfigError(f"subsets.designs: unknown design {design!r}")
+    if config.model.kind == "plugin" and ":" not in config.model.factory:
+        raise ConfigError("model.factory must be 'package.module:function' when model.kind = 'plugin'")
+    positive = [
+        ("prepare", "seq_len"), ("prepare", "shard_rows"), ("prepare", "row_group_rows"),
+        ("sketch", "k"), ("sketch", "batch_size"), ("sketch", "chunk_rows"),
+        ("retrain", "steps"), ("retrain", "batch_size"), ("retrain", "parallel_models"),
+        ("surrogate", "folds"),
+    ]
+    for section, key in positive:
+        if getattr(getattr(config, section), key) <= 0:
+            raise ConfigError(f"{section}.{key} must be positive")
+    if not 0.0 < config.subsets.eval_fraction < 1.0:
+        raise ConfigError("subsets.eval_fraction must lie in (0, 1)")
+    if max(config.surrogate.k_grid, default=0) > config.sketch.k:
+        raise ConfigError(
+            f"surrogate.k_grid {config.surrogate.k_grid} asks for more dims than sketch.k = {config.sketch.k}"
+        )
+    if config.select.budget <= 0:
+        raise ConfigError("select.budget must be positive")
+
+
+def describe(config: GraspConfig) -> str:
+    """The resolved config as TOML-like text (for --dry-run)."""
+    lines: list[str] = []
+    for section in dataclasses.fields(config):
+        lines.append(f"[{section.name}]")
+        for item in dataclasses.fields(getattr(config, section.name)):
+            value = getattr(getattr(config, section.name), item.name)
+            lines.append(f"{item.name} = {json.dumps(value, default=str)}")
+        lines.append("")
+    return "\n".join(lines)
