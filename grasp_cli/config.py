@@ -184,9 +184,26 @@ class GraspConfig:
         return int.from_bytes(digest[:4], "little")
 
 
+# Keys that change how fast a stage runs, never what it computes: left out of artifact hashes.
+NON_SEMANTIC_KEYS = {
+    "run": {"device", "threads"},
+    "sketch": {"batch_size", "task_batch_size"},
+    "retrain": {"parallel_models", "eval_batch_size"},
+    "select": {"block_rows"},
+}
+
+
+def semantic_section(config: GraspConfig, name: str) -> dict[str, Any]:
+    """A section's values that decide an artifact's contents (speed knobs left out)."""
+    values = config.section_dict(name)
+    for key in NON_SEMANTIC_KEYS.get(name, ()):
+        values.pop(key, None)
+    return values
+
+
 def sections_hash(config: GraspConfig, sections: list[str]) -> str:
     """Stable hash of the named sections: what an artifact's validity depends on."""
-    payload = {name: config.section_dict(name) for name in sections}
+    payload = {name: semantic_section(config, name) for name in sections}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -286,7 +303,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> GraspC
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         dotted, raw = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
-        _apply_table(config, {section: {key: _parse_override_value(raw.strip())}}, f"--set {dotted}")
+        _apply_table(config, {section: {key: _parse_override_value(raw.strip())}}, "--set")
     validate(config)
     return config
 

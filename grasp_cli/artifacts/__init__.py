@@ -1,0 +1,1 @@
+"""Artifacts: the run directory, self-describing manifests, atomic writes, Parquet and Zarr I/O, shards."""

@@ -1,0 +1,82 @@
+"""Where every artifact lives inside a run directory, and which stage makes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# artifact name -> (stage that writes it, config sections it depends on, artifacts it reads)
+ARTIFACTS: dict[str, tuple[str, list[str], list[str]]] = {
+    "corpus": ("prepare", ["prepare", "run"], []),
+    "tasks": ("prepare", ["prepare", "run"], []),
+    "reference": ("sketch", ["model", "reference", "run"], ["corpus"]),
+    "sketches": ("sketch", ["model", "sketch", "run"], ["corpus", "tasks", "reference"]),
+    "subsets": ("retrain-subsets", ["subsets", "run"], ["corpus"]),
+    "retrain": ("retrain-subsets", ["model", "retrain", "run"], ["subsets", "tasks", "reference"]),
+    "surrogate": ("fit-surrogate", ["surrogate", "run"], ["sketches", "subsets", "retrain"]),
+    "scores": ("score", ["score"], ["sketches", "surrogate"]),
+    "selection": ("select", ["select"], ["sketches", "surrogate"]),
+    "curation": (
+        "retrain-subsets --curation",
+        ["model", "retrain", "run"],
+        ["selection", "tasks", "reference"],
+    ),
+    "report": ("report", [], ["surrogate"]),
+}
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    def path(self, artifact: str) -> Path:
+        names = {
+            "sketches": "sketches.zarr",
+            "subsets": "subsets.zarr",
+            "curation": "curation",
+        }
+        return self.root / names.get(artifact, artifact)
+
+    @property
+    def corpus(self) -> Path:
+        return self.path("corpus")
+
+    @property
+    def tasks(self) -> Path:
+        return self.path("tasks")
+
+    @property
+    def reference(self) -> Path:
+        return self.path("reference")
+
+    @property
+    def sketches(self) -> Path:
+        return self.path("sketches")
+
+    @property
+    def subsets(self) -> Path:
+        return self.path("subsets")
+
+    @property
+    def retrain(self) -> Path:
+        return self.path("retrain")
+
+    @property
+    def surrogate(self) -> Path:
+        return self.path("surrogate")
+
+    @property
+    def scores(self) -> Path:
+        return self.path("scores")
+
+    @property
+    def selection(self) -> Path:
+        return self.path("selection")
+
+    @property
+    def curation(self) -> Path:
+        return self.path("curation")
+
+    @property
+    def report(self) -> Path:
+        return self.path("report")

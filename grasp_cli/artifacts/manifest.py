@@ -1,0 +1,163 @@
+"""Self-describing artifacts: a ``manifest.json`` inside every artifact folder.
+
+The manifest records the schema version, the stage, the config sections the
+artifact depends on (and their hash), the fingerprints of the artifacts it was
+made from, seeds, the package version and the creation time. Its
+``fingerprint`` is what later artifacts record as their input; when an input is
+rebuilt differently, everything made from it becomes stale and is refused
+(``StaleError``) unless the user passes ``--force``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grasp_cli import __version__
+from grasp_cli.artifacts.atomic import atomic_write_text
+from grasp_cli.artifacts.layout import ARTIFACTS, RunLayout
+from grasp_cli.config import GraspConfig, sections_hash, semantic_section
+from grasp_cli.errors import InputError, StaleError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class Manifest:
+    artifact: str
+    stage: str
+    config_hash: str
+    config: dict[str, Any]
+    inputs: dict[str, str]
+    seeds: dict[str, int] = field(default_factory=dict)
+    content: str = ""  # digest of the artifact's own bytes, where cheap to compute
+    extra: dict[str, Any] = field(default_factory=dict)
+    complete: bool = True
+    schema_version: int = SCHEMA_VERSION
+    package_version: str = __version__
+    created: str = ""
+    fingerprint: str = ""
+
+    def compute_fingerprint(self) -> str:
+        payload = json.dumps(
+            [self.schema_version, self.artifact, self.config_hash, self.inputs, self.seeds, self.content],
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def build_manifest(
+    layout: RunLayout,
+    artifact: str,
+    config: GraspConfig,
+    *,
+    seeds: dict[str, int] | None = None,
+    content: str = "",
+    extra: dict[str, Any] | None = None,
+    complete: bool = True,
+) -> Manifest:
+    """A manifest for ``artifact`` made now from the current input artifacts and config."""
+    stage, sections, input_names = ARTIFACTS[artifact]
+    inputs = {}
+    for name in input_names:
+        upstream = read_manifest(layout.path(name))
+        if upstream is not None:
+            inputs[name] = upstream.fingerprint
+    manifest = Manifest(
+        artifact=artifact,
+        stage=stage,
+        config_hash=sections_hash(config, sections),
+        config={name: semantic_section(config, name) for name in sections},
+        inputs=inputs,
+        seeds=dict(seeds or {}),
+        content=content,
+        extra=dict(extra or {}),
+        complete=complete,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    manifest.fingerprint = manifest.compute_fingerprint()
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    atomic_write_text(Path(folder) / MANIFEST_NAME, json.dumps(asdict(manifest), indent=2, default=str))
+
+
+def read_manifest(folder: Path) -> Manifest | None:
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return Manifest(**raw)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise InputError(f"{path}: corrupt manifest ({exc}); rerun the stage that made it") from None
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    changes = []
+    for section in sorted(set(old) | set(new)):
+        before, after = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            if before.get(key) != after.get(key):
+                changes.append(f"{section}.{key}: {before.get(key)!r} -> {after.get(key)!r}")
+    return "; ".join(changes[:4]) + (" ..." if len(changes) > 4 else "")
+
+
+def staleness(layout: RunLayout, artifact: str, config: GraspConfig) -> str | None:
+    """Why ``artifact`` no longer matches its inputs or config, or None if it is fresh."""
+    manifest = read_manifest(layout.path(artifact))
+    if manifest is None:
+        return None
+    stage, sections, input_names = ARTIFACTS[artifact]
+    for name in input_names:
+        upstream = read_manifest(layout.path(name))
+        recorded = manifest.inputs.get(name)
+        if upstream is None or recorded is None:
+            continue
+        if upstream.fingerprint != recorded:
+            return f"{artifact} was made from an older {name}"
+    # [prepare] is mostly given as flags of `grasp prepare`; corpus and tasks carry content digests instead.
+    checked = [name for name in sections if name != "prepare"]
+    now = {name: semantic_section(config, name) for name in checked}
+    before = {name: manifest.config.get(name, {}) for name in checked}
+    if now != before:
+        return f"{artifact} was made with another config ({_config_diff(before, now)})"
+    return None
+
+
+def require(
+    layout: RunLayout, artifact: str, config: GraspConfig, *, force: bool = False, check_config: bool = True
+) -> Manifest:
+    """The manifest of a complete, fresh input artifact; otherwise a one-line error for the user."""
+    folder = layout.path(artifact)
+    stage = ARTIFACTS[artifact][0]
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise InputError(f"missing: {folder} does not exist or is incomplete; run `grasp {stage}` first")
+    if not manifest.complete:
+        raise InputError(f"incomplete: {folder} has unfinished shards; rerun `grasp {stage}` (see `grasp status`)")
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise StaleError(
+            f"stale: {folder} has schema version {manifest.schema_version}, this grasp reads {SCHEMA_VERSION}"
+        )
+    reason = staleness(layout, artifact, config) if check_config else None
+    if reason and not force:
+        raise StaleError(f"stale: {reason}; rerun `grasp {stage}` or pass --force to use it anyway")
+    return manifest
+
+
+def file_digest(paths: list[Path]) -> str:
+    """sha256 over the names and bytes of ``paths`` (sorted)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:20]

@@ -1,0 +1,79 @@
+"""Sharding: which work units this process owns, and durable per-unit completion markers.
+
+A shard is ``(index, count)``: from ``--shard/--num-shards`` or from
+``SLURM_ARRAY_TASK_ID`` / ``SLURM_ARRAY_TASK_COUNT``. Work is split into units
+(row chunks, subsets); shard ``i`` of ``n`` owns a contiguous run of them. A
+unit's marker is written only after its output is durable, so a rerun skips
+finished units and a killed job loses only the unit it was working on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from grasp_cli.artifacts.atomic import atomic_write_text
+from grasp_cli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    index: int = 0
+    count: int = 1
+
+    @property
+    def is_whole(self) -> bool:
+        return self.count == 1
+
+    def __str__(self) -> str:
+        return f"shard {self.index + 1}/{self.count}"
+
+
+def resolve_shard(index: int | None, count: int | None) -> ShardSpec:
+    """Flags win; otherwise SLURM array variables; otherwise the whole job (0 of 1)."""
+    if index is None and count is None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        task_id = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        task_min = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
+        index = task_id - task_min
+    index = 0 if index is None else index
+    count = 1 if count is None else count
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"--shard {index} --num-shards {count}: need 0 <= shard < num-shards")
+    return ShardSpec(index, count)
+
+
+def owned_units(num_units: int, shard: ShardSpec) -> range:
+    """The contiguous run of unit indices that ``shard`` owns (balanced to within one unit)."""
+    start = num_units * shard.index // shard.count
+    stop = num_units * (shard.index + 1) // shard.count
+    return range(start, stop)
+
+
+class UnitMarkers:
+    """Completion markers for the units of one artifact: ``<artifact>/_done/<unit>.json``."""
+
+    def __init__(self, artifact_dir: Path) -> None:
+        self.folder = Path(artifact_dir) / "_done"
+
+    def _path(self, unit: int) -> Path:
+        return self.folder / f"{unit:06d}.json"
+
+    def is_done(self, unit: int) -> bool:
+        return self._path(unit).is_file()
+
+    def mark_done(self, unit: int, **info: object) -> None:
+        info = {"unit": unit, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), **info}
+        atomic_write_text(self._path(unit), json.dumps(info, default=str))
+
+    def done_units(self) -> set[int]:
+        if not self.folder.is_dir():
+            return set()
+        return {int(p.stem) for p in self.folder.glob("*.json") if p.stem.isdigit()}
+
+    def missing(self, num_units: int) -> list[int]:
+        done = self.done_units()
+        return [unit for unit in range(num_units) if unit not in done]

@@ -1,0 +1,31 @@
+"""What every stage receives: the resolved config, the run layout, and how to run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from grasp_cli.artifacts.layout import RunLayout
+from grasp_cli.artifacts.shards import ShardSpec
+from grasp_cli.config import GraspConfig
+
+
+@dataclass
+class StageContext:
+    config: GraspConfig
+    layout: RunLayout
+    force: bool = False
+    shard: ShardSpec = field(default_factory=ShardSpec)
+    progress: bool = True
+
+    @property
+    def device(self) -> str:
+        device = self.config.run.device
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return device
+
+    def apply_threads(self) -> None:
+        if self.config.run.threads > 0:
+            torch.set_num_threads(self.config.run.threads)

@@ -1,0 +1,1 @@
+"""`grasp prepare`: documents in, tokenized corpus and task shards out."""

@@ -1,0 +1,155 @@
+"""Build ``RUN/corpus`` and ``RUN/tasks`` from documents, atomically, with manifests."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from grasp_cli.artifacts.atomic import atomic_dir, sweep_debris
+from grasp_cli.artifacts.examples import Examples, write_examples
+from grasp_cli.artifacts.layout import RunLayout
+from grasp_cli.artifacts.manifest import build_manifest, file_digest, write_manifest
+from grasp_cli.config import GraspConfig
+from grasp_cli.errors import InputError
+from grasp_cli.prepare.documents import Document, default_demo_holdout, demo_documents, load_documents
+from grasp_cli.prepare.tokens import byte_sequences
+
+
+@dataclass
+class PrepareSummary:
+    corpus_rows: int
+    domains: dict[str, int]
+    tasks: dict[str, int]
+
+
+def split_holdout(
+    documents: list[Document], domains: list[str], fraction: float, seed: int
+) -> tuple[list[Document], dict[str, list[Document]]]:
+    """Move a seeded ``fraction`` of each named domain's documents (at least one, never all) to a task."""
+    by_domain: dict[str, list[Document]] = defaultdict(list)
+    for document in documents:
+        by_domain[document.domain].append(document)
+    held: dict[str, list[Document]] = {}
+    held_ids: set[str] = set()
+    rng = np.random.default_rng(seed)
+    for domain in domains:
+        pool = by_domain.get(domain)
+        if not pool:
+            raise InputError(f"prepare.holdout_domains: no documents in domain {domain!r} "
+                             f"(domains: {', '.join(sorted(by_domain))})")
+        if len(pool) < 2:
+            raise InputError(f"prepare.holdout_domains: domain {domain!r} has one document; need two to hold one out")
+        count = min(len(pool) - 1, max(1, math.ceil(fraction * len(pool))))
+        chosen = rng.choice(len(pool), size=count, replace=False)
+        held[domain] = [pool[i] for i in sorted(chosen)]
+        held_ids.update(d.doc_id for d in held[domain])
+    rest = [d for d in documents if d.doc_id not in held_ids]
+    return rest, held
+
+
+def tokenize_documents(documents: list[Document], seq_len: int, cap_per_domain: int, seed: int) -> Examples:
+    """Rows of byte tokens for ``documents`` (in order), optionally a seeded sample per domain."""
+    rows, domains, docs = [], [], []
+    for document in documents:
+        sequences = byte_sequences(document.text, seq_len)
+        rows.append(sequences)
+        domains += [document.domain] * len(sequences)
+        docs += [document.doc_id] * len(sequences)
+    tokens = np.concatenate(rows) if rows else np.zeros((0, seq_len + 1), np.int32)
+    domains_arr, docs_arr = np.array(domains, dtype=object), np.array(docs, dtype=object)
+    keep = np.arange(len(tokens))
+    if cap_per_domain > 0:
+        rng = np.random.default_rng(seed)
+        kept = []
+        for domain in sorted(set(domains)):
+            members = np.flatnonzero(domains_arr == domain)
+            if len(members) > cap_per_domain:
+                members = np.sort(rng.choice(members, size=cap_per_domain, replace=False))
+            kept.append(members)
+        keep = np.sort(np.concatenate(kept)) if kept else keep
+    return Examples(
+        np.arange(len(keep), dtype=np.int64), domains_arr[keep], docs_arr[keep], {"tokens": tokens[keep]}
+    )
+
+
+def run_prepare(config: GraspConfig, layout: RunLayout) -> PrepareSummary:
+    section = config.prepare
+    seed = config.derived_seed(-1, "prepare")
+    if section.demo:
+        documents = demo_documents(section.demo_domains or None)
+        holdout = section.holdout_domains or ([] if section.tasks else default_demo_holdout())
+    else:
+        if not section.inputs:
+            raise InputError("prepare: no inputs; give files/folders/globs, or --demo")
+        documents = load_documents(section.inputs)
+        holdout = section.holdout_domains
+    if section.max_docs_per_domain > 0:
+        documents = _cap_documents(documents, section.max_docs_per_domain, seed)
+    documents, held = split_holdout(documents, holdout, section.holdout_fraction, seed)
+    for name, patterns in section.tasks.items():
+        held[name] = load_documents([patterns])
+    if not held:
+        raise InputError("prepare: no target tasks; give --task NAME=PATH or --holdout-domains")
+
+    corpus = tokenize_documents(documents, section.seq_len, section.max_seqs_per_domain, seed)
+    if len(corpus) == 0:
+        raise InputError("prepare: the inputs give no sequences (documents shorter than 16 bytes?)")
+    tasks = {
+        name: tokenize_documents(docs, section.seq_len, 0, seed) for name, docs in sorted(held.items())
+    }
+    for name, examples in tasks.items():
+        if len(examples) == 0:
+            raise InputError(f"prepare: task {name!r} has no sequences (its documents are too short)")
+        if section.max_task_seqs > 0 and len(examples) > section.max_task_seqs:
+            rng = np.random.default_rng(seed + 1)
+            keep = np.sort(rng.choice(len(examples), size=section.max_task_seqs, replace=False))
+            tasks[name] = examples.take(keep)
+            tasks[name].ids = np.arange(len(keep), dtype=np.int64)
+    write_prepared(config, layout, corpus, tasks, seed)
+    counts = dict(zip(*np.unique(corpus.domains.astype(str), return_counts=True)))
+    return PrepareSummary(len(corpus), {k: int(v) for k, v in counts.items()}, {k: len(v) for k, v in tasks.items()})
+
+
+def _cap_documents(documents: list[Document], cap: int, seed: int) -> list[Document]:
+    rng = np.random.default_rng(seed + 2)
+    by_domain: dict[str, list[int]] = defaultdict(list)
+    for index, document in enumerate(documents):
+        by_domain[document.domain].append(index)
+    keep: list[int] = []
+    for indices in by_domain.values():
+        keep += sorted(rng.choice(indices, size=min(cap, len(indices)), replace=False).tolist())
+    return [documents[i] for i in sorted(keep)]
+
+
+def write_prepared(
+    config: GraspConfig, layout: RunLayout, corpus: Examples, tasks: dict[str, Examples], seed: int
+) -> None:
+    """Write corpus and tasks folders atomically; manifests last, so nothing half-done looks complete."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    sweep_debris(layout.root)
+    section = config.prepare
+    with atomic_dir(layout.corpus) as folder:
+        paths = write_examples(folder, corpus, section.shard_rows, section.row_group_rows)
+        extra = {"rows": len(corpus), "kind": "image" if corpus.is_image else "tokens"}
+        if "tokens" in corpus.fields:
+            extra["seq_len"] = int(corpus.fields["tokens"].shape[1] - 1)
+        else:
+            extra["image_shape"] = list(corpus.fields["image"].shape[1:])
+            extra["num_classes"] = int(corpus.fields["label"].max()) + 1
+        write_manifest(folder, build_manifest(layout, "corpus", config, seeds={"prepare": seed},
+                                              content=file_digest(paths), extra=extra))
+    with atomic_dir(layout.tasks) as folder:
+        from grasp_cli.artifacts.tables import write_table
+        from grasp_cli.artifacts.examples import examples_to_table
+
+        paths = []
+        for name, examples in tasks.items():
+            path = folder / f"{name}.parquet"
+            write_table(path, examples_to_table(examples), section.row_group_rows)
+            paths.append(path)
+        write_manifest(folder, build_manifest(layout, "tasks", config, seeds={"prepare": seed},
+                                              content=file_digest(paths),
+                                              extra={"tasks": {k: len(v) for k, v in tasks.items()}}))

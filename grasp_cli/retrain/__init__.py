@@ -1,0 +1,1 @@
+"""`grasp retrain-subsets`: counterfactual ground truth by training on many subsets."""

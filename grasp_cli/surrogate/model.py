@@ -1,0 +1,361 @@
+"""The GRASP surrogate: a fitted smoothness lower bound per task.
+
+    Û_t(S) = c_t + a_t ⟨r_t + Δ_t, m_S⟩ − (b_t / 2) ‖m_S‖²_G,     a_t ≥ 0, b_t ≥ 0
+
+``m_S`` is the subset's sketch prefix aggregate: the mean ``Σ_{i∈S} φ_i[:k'] / |S|``
+(aggregation ``mean``) or the sum scaled by a reference size,
+``Σ_{i∈S} φ_i[:k'] / n_ref`` with ``n_ref`` the mean fit-subset size (aggregation
+``sum``; the scaling keeps the two forms on comparable scales).
+
+How it is fitted (exactly, per task, no alternation)
+----------------------------------------------------
+Write the correction as ``w_t = a_t Δ_t`` (its contribution to the linear term).
+The fit minimizes over ``c_t`` (free), ``a_t ≥ 0``, ``b_t ≥ 0`` and ``w_t``
+
+    Σ_S (U_t(S) − Û_t(S))² + μ ‖w_t‖²,      μ = λ · tr(M̃ᵀM̃) / k',
+
+with ``M̃`` the centered ``[n_fit, k']`` matrix of fit-subset aggregates. This is a
+convex quadratic program. ``c`` and ``w`` enter as a ridge regression, so they
+are profiled out in closed form (one SVD of ``M̃`` shared by all tasks); what
+remains is a 2-variable nonnegative least-squares problem in ``(a, b)``, solved
+exactly by enumerating the active sets of the two constraints. The reported
+``Δ_t = w_t / a_t`` (undefined when ``a_t = 0``; then the correction alone
+carries the linear term).
+
+Scale-free ridge. ``μ`` is ``λ`` times the mean eigenvalue of the design Gram
+``M̃ᵀM̃``: equivalently, after rescaling utilities and aggregates to unit average
+variance, the penalty on the standardized coefficient is ``λ · n_fit``. So the
+same ``λ`` grid means the same amount of shrinkage whatever the sketch scale,
+the utility scale or ``k'``; ``λ = ∞`` means no correction (``Δ = 0``).
+Penalizing ``a_tΔ_t`` rather than ``Δ_t`` is what makes the joint problem convex
+(a unique global optimum); at a fixed ``a_t`` the two penalties differ only by
+the constant factor ``a_t²``.
+
+``quadratic=False`` fixes ``b = 0``: the additive-alignment baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from grasp_cli.surrogate.features import CorpusMoments, SubsetFeatures
+from grasp_cli.surrogate.geometry import geometry_matrix, sq_norm
+
+__all__ = [
+    "AGGREGATIONS",
+    "GraspSurrogate",
+    "check_utilities",
+    "float_from_json",
+    "float_to_json",
+    "subset_aggregates",
+]
+
+AGGREGATIONS = ("mean", "sum")
+
+
+def float_to_json(value: float) -> float | str:
+    """JSON has no infinity: write ``inf`` as the string ``"inf"``."""
+    return "inf" if math.isinf(value) and value > 0 else float(value)
+
+
+def float_from_json(value: float | str) -> float:
+    return float("inf") if value == "inf" else float(value)
+
+
+def check_utilities(utilities: np.ndarray, n_subsets: int, what: str = "utilities") -> np.ndarray:
+    """Validate measured utilities ``[M, T]``; return them as float64.
+
+    Raises ValueError on a shape mismatch or any non-finite value, naming the first
+    offending rows: the caller decides whether to exclude those subsets.
+    """
+    values = np.asarray(utilities, dtype=np.float64)
+    if values.ndim == 1:
+        values = values[:, None]
+    if values.ndim != 2 or values.shape[0] != n_subsets:
+        raise ValueError(f"{what} must be [M={n_subsets}, T], got shape {np.shape(utilities)}")
+    bad = ~np.isfinite(values)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        raise ValueError(
+            f"{what} has {int(bad.sum())} non-finite values (first at rows "
+            f"{sorted(set(rows[:10].tolist()))}, task columns {sorted(set(cols[:10].tolist()))}); "
+            "exclude those subsets or re-measure them"
+        )
+    return values
+
+
+def subset_aggregates(
+    features: SubsetFeatures, k_prime: int, aggregation: str, n_ref: float | None = None
+) -> np.ndarray:
+    """``m_S`` ``[M, k']``: mean of member sketches, or their sum divided by ``n_ref``."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}: choose 'mean' or 'sum'")
+    if k_prime > features.k:
+        raise ValueError(f"sketch prefix k'={k_prime} exceeds the feature dimension k={features.k}")
+    sums = features.sums[:, :k_prime]
+    if aggregation == "mean":
+        features.check_nonempty()
+        return sums / features.sizes[:, None]
+    if n_ref is None or not n_ref > 0:
+        raise ValueError("aggregation 'sum' needs a positive reference size n_ref")
+    return sums / n_ref
+
+
+def _nonnegative_quadratic(gram: np.ndarray, linear: np.ndarray) -> np.ndarray:
+    """argmin_{p ≥ 0} pᵀ Q p − 2 lᵀ p for a PSD ``Q`` of size ≤ 3, by active-set enumeration.
+
+    The optimum of a convex problem with nonnegativity constraints is the unconstrained
+    optimum restricted to its support, which is strictly positive there; every such
+    candidate is feasible, so the best candidate over all supports is the optimum.
+    Smaller supports win ties (the simpler model).
+    """
+    dim = linear.shape[0]
+    diag = np.diag(gram).copy()
+    scale = np.where(diag > 0, 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)), 0.0)
+    q = gram * scale[:, None] * scale[None, :]
+    lin = linear * scale
+    best = np.zeros(dim)
+    best_value = 0.0
+    for size in range(1, dim + 1):
+        for support in combinations(range(dim), size):
+            idx = list(support)
+            if np.any(scale[idx] == 0):
+                continue
+            sub = np.linalg.pinv(q[np.ix_(idx, idx)], rcond=1e-10, hermitian=True) @ lin[idx]
+            if np.any(sub <= 0):
+                continue
+            candidate = np.zeros(dim)
+            candidate[idx] = sub
+            value = float(candidate @ q @ candidate - 2.0 * lin @ candidate)
+            if value < best_value - 1e-12 * max(abs(best_value), abs(value)):
+                best, best_value = candidate, value
+    return best * scale
+
+
+class GraspSurrogate:
+    """Per-task GRASP surrogate over a sketch prefix (see the module docstring).
+
+    residuals: ``r_t`` ``[T, k]`` (only the first ``k'`` coords are used).
+    k_prime: sketch prefix ``k'`` (default all ``k``).
+    geometry: 'identity' | 'diagonal' | 'whitened' (the last two need ``moments``).
+    ridge: relative ridge ``λ`` on the residual correction (``inf`` = no correction).
+    aggregation: 'mean' | 'sum'.
+    quadratic: False fixes ``b = 0`` (additive alignment).
+
+    After ``fit``: ``intercepts_`` c ``[T]``, ``alignment_`` a ``[T]``, ``curvature_`` b
+    ``[T]``, ``corrections_`` ``a_tΔ_t`` ``[T, k']``, ``metric_`` G ``[k', k']``,
+    ``n_ref_``, ``ridge_abs_`` (the absolute penalty μ), ``n_fit_``.
+    """
+
+    kind = "grasp"
+
+    def __init__(
+        self,
+        residuals: np.ndarray,
+        *,
+        k_prime: int | None = None,
+        geometry: str = "identity",
+        ridge: float = float("inf"),
+        aggregation: str = "mean",
+        quadratic: bool = True,
+        moments: CorpusMoments | None = None,
+        task_names: Sequence[str] | None = None,
+    ) -> None:
+        residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
+        k = residuals.shape[1]
+        self.k_prime = int(k if k_prime is None else k_prime)
+        if not 0 < self.k_prime <= k:
+            raise ValueError(f"sketch prefix k'={self.k_prime} must lie in 1..{k}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}: choose 'mean' or 'sum'")
+        if not ridge >= 0:
+            raise ValueError(f"ridge λ must be >= 0 (or inf), got {ridge}")
+        self.residuals = residuals[:, : self.k_prime].copy()
+        self.geometry = geometry if quadratic else "identity"
+        self.ridge = float(ridge)
+        self.aggregation = aggregation
+        self.quadratic = bool(quadratic)
+        self.task_names = list(task_names) if task_names is not None else [
+            f"task{t}" for t in range(residuals.shape[0])
+        ]
+        if len(self.task_names) != residuals.shape[0]:
+            raise ValueError(f"{len(self.task_names)} task names for {residuals.shape[0]} residuals")
+        self.metric_ = geometry_matrix(self.geometry, self.k_prime, moments)
+        self.n_ref_: float | None = None
+        self.n_fit_ = 0
+
+    # ------------------------------------------------------------------ fitting
+
+    @property
+    def n_tasks(self) -> int:
+        return int(self.residuals.shape[0])
+
+    def aggregates(self, features: SubsetFeatures) -> np.ndarray:
+        """``m_S`` ``[M, k']`` for the model's aggregation (needs a fitted ``n_ref`` for 'sum')."""
+        return subset_aggregates(features, self.k_prime, self.aggregation, self.n_ref_)
+
+    def fit(self, features: SubsetFeatures, utilities: np.ndarray) -> GraspSurrogate:
+        """Fit every task on the given (fit-role) subsets. ``utilities``: ``[M, T]``, higher is better."""
+        values = check_utilities(utilities, len(features), "fit utilities")
+        if values.shape[1] != self.n_tasks:
+            raise ValueError(f"utilities have {values.shape[1]} tasks, residuals {self.n_tasks}")
+        if len(features) < 2:
+            raise ValueError("GRASP needs at least 2 fit subsets")
+        features.check_nonempty()
+        self.n_ref_ = float(np.mean(features.sizes))
+        means = self.aggregates(features)
+        n = means.shape[0]
+        centered = means - means.mean(axis=0)
+        design_energy = float(np.sum(centered**2))
+        if math.isinf(self.ridge) or design_energy <= 0:
+            self.ridge_abs_ = float("inf") if math.isinf(self.ridge) else 0.0
+            left = np.zeros((n, 0))
+            shrink = np.zeros(0)
+            sing = np.zeros(0)
+            right = np.zeros((0, self.k_prime))
+        else:
+            self.ridge_abs_ = self.ridge * design_energy / self.k_prime
+            left, sing, right = np.linalg.svd(centered, full_matrices=False)
+            keep = sing > 1e-10 * sing.max()
+            left, sing, right = left[:, keep], sing[keep], right[keep]
+            shrink = sing**2 / (sing**2 + self.ridge_abs_)
+
+        def inner(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+            # uᵀ A v with A = P (I − M̃ (M̃ᵀM̃ + μI)⁻¹ M̃ᵀ) P: what the ridge on (c, w) leaves.
+            uc, vc = u - u.mean(axis=0), v - v.mean(axis=0)
+            pu, pv = left.T @ uc, left.T @ vc
+            return uc.T @ vc - pu.T @ (shrink[:, None] * pv)
+
+        alignment_x = means @ self.residuals.T  # [n, T]
+        penalty_x = -0.5 * sq_norm(means, self.metric_)  # [n]
+        self.intercepts_ = np.zeros(self.n_tasks)
+        self.alignment_ = np.zeros(self.n_tasks)
+        self.curvature_ = np.zeros(self.n_tasks)
+        self.corrections_ = np.zeros((self.n_tasks, self.k_prime))
+        for t in range(self.n_tasks):
+            cols = [alignment_x[:, t]] + ([penalty_x] if self.quadratic else [])
+            design = np.stack(cols, axis=1)
+            target = values[:, t : t + 1]
+            coef = _nonnegative_quadratic(inner(design, design), inner(design, target)[:, 0])
+            rest = values[:, t] - design @ coef
+            if sing.size:
+                rest_c = rest - rest.mean()
+                self.corrections_[t] = right.T @ ((sing / (sing**2 + self.ridge_abs_)) * (left.T @ rest_c))
+            self.alignment_[t] = coef[0]
+            self.curvature_[t] = coef[1] if self.quadratic else 0.0
+            self.intercepts_[t] = float(np.mean(rest - means @ self.corrections_[t]))
+        self.n_fit_ = n
+        return self
+
+    # ---------------------------------------------------------------- prediction
+
+    def _check_fitted(self) -> None:
+        if self.n_ref_ is None:
+            raise ValueError("the surrogate is not fitted yet")
+
+    @property
+    def linear_vectors(self) -> np.ndarray:
+        """``v_t = a_t (r_t + Δ_t) = a_t r_t + w_t`` ``[T, k']``."""
+        self._check_fitted()
+        return self.alignment_[:, None] * self.residuals + self.corrections_
+
+    def quadratic_matrix(self, task: int) -> np.ndarray:
+        """``B_t = b_t G`` ``[k', k']``, so ``Û_t = c_t + ⟨v_t, m⟩ − ½ mᵀ B_t m``."""
+        self._check_fitted()
+        return self.curvature_[task] * self.metric_
+
+    def predict_aggregates(self, means: np.ndarray) -> np.ndarray:
+        """``Û`` ``[M, T]`` from aggregates ``m_S`` ``[M, k']`` (no subset bookkeeping)."""
+        self._check_fitted()
+        means = np.atleast_2d(np.asarray(means, dtype=np.float64))
+        linear = means @ self.linear_vectors.T
+        penalty = 0.5 * sq_norm(means, self.metric_)[:, None] * self.curvature_[None, :]
+        return self.intercepts_[None, :] + linear - penalty
+
+    def predict(self, features: SubsetFeatures) -> np.ndarray:
+        """Predicted utilities ``[M, T]`` for the subsets described by ``features``."""
+        self._check_fitted()
+        return self.predict_aggregates(self.aggregates(features))
+
+    def terms(self, features: SubsetFeatures) -> dict[str, np.ndarray]:
+        """The prediction split into ``intercept + alignment − penalty`` (each ``[M, T]``)."""
+        means = self.aggregates(features)
+        return {
+            "intercept": np.broadcast_to(self.intercepts_, (means.shape[0], self.n_tasks)).copy(),
+            "alignment": means @ self.linear_vectors.T,
+            "penalty": 0.5 * sq_norm(means, self.metric_)[:, None] * self.curvature_[None, :],
+        }
+
+    # ----------------------------------------------------------- serialization
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able description (infinite λ written as ``"inf"``); vectors live in ``to_arrays``."""
+        self._check_fitted()
+        tasks = []
+        for t, name in enumerate(self.task_names):
+            a = float(self.alignment_[t])
+            w_norm = float(np.linalg.norm(self.corrections_[t]))
+            delta_norm: float | None = w_norm / a if a > 0 else (0.0 if w_norm == 0 else None)
+            tasks.append(
+                {
+                    "task": name,
+                    "a": a,
+                    "b": float(self.curvature_[t]),
+                    "c": float(self.intercepts_[t]),
+                    "delta_norm": delta_norm,
+                    "correction_norm": w_norm,
+                    "residual_norm": float(np.linalg.norm(self.residuals[t])),
+                }
+            )
+        return {
+            "kind": self.kind,
+            "quadratic": self.quadratic,
+            "k": self.k_prime,
+            "geometry": self.geometry,
+            "ridge": float_to_json(self.ridge),
+            "ridge_abs": float_to_json(self.ridge_abs_),
+            "aggregation": self.aggregation,
+            "n_ref": self.n_ref_,
+            "n_fit": self.n_fit_,
+            "tasks": tasks,
+        }
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Every number needed to rebuild the model with ``from_arrays``."""
+        self._check_fitted()
+        return {
+            "residuals": self.residuals.copy(),
+            "corrections": self.corrections_.copy(),
+            "metric": self.metric_.copy(),
+            "intercepts": self.intercepts_.copy(),
+            "alignment": self.alignment_.copy(),
+            "curvature": self.curvature_.copy(),
+        }
+
+    @classmethod
+    def from_arrays(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> GraspSurrogate:
+        """Rebuild a fitted surrogate from ``params()`` and ``to_arrays()``."""
+        model = cls(
+            np.asarray(arrays["residuals"], dtype=np.float64),
+            k_prime=int(params["k"]),
+            geometry="identity",
+            ridge=float_from_json(params["ridge"]),
+            aggregation=params["aggregation"],
+            quadratic=bool(params["quadratic"]),
+            task_names=[task["task"] for task in params["tasks"]],
+        )
+        model.geometry = params["geometry"]
+        model.metric_ = np.asarray(arrays["metric"], dtype=np.float64)
+        model.corrections_ = np.asarray(arrays["corrections"], dtype=np.float64)
+        model.intercepts_ = np.asarray(arrays["intercepts"], dtype=np.float64)
+        model.alignment_ = np.asarray(arrays["alignment"], dtype=np.float64)
+        model.curvature_ = np.asarray(arrays["curvature"], dtype=np.float64)
+        model.ridge_abs_ = float_from_json(params["ridge_abs"])
+        model.n_ref_ = float(params["n_ref"])
+        model.n_fit_ = int(params["n_fit"])
+        return model

@@ -1,0 +1,46 @@
+"""Shared fixtures: small real inputs and a way to run the real CLI in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from grasp_cli.cli import main
+
+ENGLISH = (
+    "The quick brown fox jumps over the lazy dog while the river keeps flowing to the sea. "
+    "Every morning the baker opens the shop and the smell of bread fills the narrow street. "
+)
+CODE = "def add(a, b):\n    return a + b\n\nclass Box:\n    def __init__(self, x):\n        self.x = x\n"
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `grasp ARGS...` in-process; returns (exit_code, stdout, stderr)."""
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        code = run_cli(*args)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return invoke
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    """A small jsonl corpus with three domains (prose, code, numbers), 12 documents each."""
+    path = tmp_path / "docs.jsonl"
+    lines = []
+    for index in range(12):
+        lines.append({"id": f"p{index}", "domain": "prose", "text": ENGLISH * (2 + index % 3)})
+        lines.append({"id": f"c{index}", "domain": "code", "text": CODE * (2 + index % 3)})
+        numbers = " ".join(str(i * (index + 1)) for i in range(80))
+        lines.append({"id": f"n{index}", "domain": "numbers", "text": numbers})
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path

@@ -1,0 +1,122 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from grasp_cli.artifacts.atomic import atomic_dir, atomic_path, sweep_debris
+from grasp_cli.artifacts.examples import Examples, read_examples, write_examples
+from grasp_cli.artifacts.layout import RunLayout
+from grasp_cli.artifacts.manifest import build_manifest, read_manifest, require, write_manifest
+from grasp_cli.artifacts.shards import ShardSpec, UnitMarkers, owned_units, resolve_shard
+from grasp_cli.artifacts.tables import read_table
+from grasp_cli.config import load_config
+from grasp_cli.errors import InputError, StaleError, UsageError
+
+
+def _examples(n: int) -> Examples:
+    tokens = np.arange(n * 5, dtype=np.int32).reshape(n, 5) % 256
+    return Examples(np.arange(n), np.array(["a", "b"] * (n // 2), dtype=object),
+                    np.array([f"d{i}" for i in range(n)], dtype=object), {"tokens": tokens})
+
+
+def test_atomic_dir_crash_leaves_nothing_complete(tmp_path):
+    target = tmp_path / "corpus"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as folder:
+            (folder / "part-00000.parquet").write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_file_crash_keeps_old_version(tmp_path):
+    target = tmp_path / "x.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("new, half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    debris = tmp_path / ".x.txt.tmp-deadbeef"
+    debris.write_text("left by kill -9")
+    sweep_debris(tmp_path)
+    assert not debris.exists() and target.exists()
+
+
+def test_examples_round_trip_and_shards(tmp_path):
+    examples = _examples(10)
+    paths = write_examples(tmp_path / "c", examples, shard_rows=4, row_group_rows=2)
+    assert [p.name for p in paths] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    back = read_examples(tmp_path / "c")
+    np.testing.assert_array_equal(back.fields["tokens"], examples.fields["tokens"])
+    np.testing.assert_array_equal(back.ids, examples.ids)
+    assert read_table(paths[0]).schema.field("tokens").type.value_type.bit_width == 32
+
+
+def test_corrupt_parquet_names_file(tmp_path):
+    write_examples(tmp_path / "c", _examples(4), shard_rows=10, row_group_rows=10)
+    path = tmp_path / "c" / "part-00000.parquet"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(InputError, match="part-00000.parquet: not a readable Parquet"):
+        read_examples(tmp_path / "c")
+
+
+def test_stale_detection_by_inputs_and_config(tmp_path):
+    layout = RunLayout(tmp_path)
+    config = load_config(None)
+    for name in ("corpus", "tasks"):
+        (tmp_path / name).mkdir()
+        write_manifest(tmp_path / name, build_manifest(layout, name, config, content=f"{name}-v1"))
+    (tmp_path / "reference").mkdir()
+    write_manifest(tmp_path / "reference", build_manifest(layout, "reference", config, content="w"))
+    (tmp_path / "sketches.zarr").mkdir()
+    write_manifest(tmp_path / "sketches.zarr", build_manifest(layout, "sketches", config))
+    assert require(layout, "sketches", config).complete
+
+    changed = load_config(None, ["sketch.k=64", "surrogate.k_grid=[32]"])
+    with pytest.raises(StaleError, match=r"stale: .*sketch\.k: 256 -> 64"):
+        require(layout, "sketches", changed)
+    assert require(layout, "sketches", changed, force=True)
+
+    write_manifest(tmp_path / "corpus", build_manifest(layout, "corpus", config, content="corpus-v2"))
+    with pytest.raises(StaleError, match="made from an older corpus"):
+        require(layout, "reference", config)
+
+
+def test_missing_and_incomplete_are_errors(tmp_path):
+    layout = RunLayout(tmp_path)
+    config = load_config(None)
+    with pytest.raises(InputError, match="run `grasp sketch` first"):
+        require(layout, "sketches", config)
+    (tmp_path / "sketches.zarr").mkdir()
+    write_manifest(tmp_path / "sketches.zarr", build_manifest(layout, "sketches", config, complete=False))
+    with pytest.raises(InputError, match="incomplete"):
+        require(layout, "sketches", config)
+    assert read_manifest(tmp_path / "sketches.zarr").complete is False
+
+
+def test_shard_partition_covers_every_unit_once():
+    for units in (0, 1, 7, 100):
+        for count in (1, 3, 8):
+            owned = [u for i in range(count) for u in owned_units(units, ShardSpec(i, count))]
+            assert owned == list(range(units))
+
+
+def test_shard_from_slurm_env(monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert resolve_shard(None, None) == ShardSpec(2, 4)
+    assert resolve_shard(0, 2) == ShardSpec(0, 2)  # flags win
+    with pytest.raises(UsageError):
+        resolve_shard(4, 4)
+
+
+def test_unit_markers(tmp_path):
+    markers = UnitMarkers(tmp_path)
+    markers.mark_done(2, rows=10)
+    assert markers.is_done(2) and not markers.is_done(1)
+    assert markers.missing(4) == [0, 1, 3]
+    assert json.loads((tmp_path / "_done" / "000002.json").read_text())["rows"] == 10
+    assert not any(name.startswith(".") for name in os.listdir(tmp_path / "_done"))
