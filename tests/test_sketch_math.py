@@ -37,7 +37,9 @@ SEQ = 8
 
 def tiny_lm(seed: int = 0) -> ModelBundle:
     """1-layer, width-16 byte LM with weights perturbed away from init so every layer has gradient."""
-    bundle = build_model(ModelSection(n_layer=1, n_head=2, d_model=16), DataShape(seq_len=SEQ), seed)
+    bundle = build_model(
+        ModelSection(n_layer=1, n_head=2, d_model=16), DataShape(seq_len=SEQ), seed
+    )
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in bundle.module.parameters():
@@ -47,7 +49,9 @@ def tiny_lm(seed: int = 0) -> ModelBundle:
 
 
 def tiny_mlp() -> ModelBundle:
-    return build_model(ModelSection(kind="mlp", hidden=8), DataShape(image_shape=(4, 4), num_classes=3), 0)
+    return build_model(
+        ModelSection(kind="mlp", hidden=8), DataShape(image_shape=(4, 4), num_classes=3), 0
+    )
 
 
 def tokens(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -63,7 +67,9 @@ def images(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def loop_gradients(bundle: ModelBundle, batch: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+def loop_gradients(
+    bundle: ModelBundle, batch: dict[str, torch.Tensor], names: list[str]
+) -> torch.Tensor:
     """Brute force: one ordinary backward per example; ``[B, D]`` flattened in ``names`` order."""
     params = dict(bundle.module.named_parameters())
     rows = []
@@ -88,8 +94,11 @@ def explicit_matrix(sketcher: Sketcher) -> tuple[torch.Tensor, list[str]]:
     params = dict(sketcher.bundle.module.named_parameters())
     blocks, order = [], []
     for site in sketcher.sites:
-        p_out, p_in = sketcher.kronecker.factors(site.module, site.d_out, site.d_in + (site.bias is not None))
-        full = sketcher.kronecker.final_map(site.module) @ torch.kron(p_out, p_in)  # [k, d_out*(d_in+1)]
+        p_out, p_in = sketcher.kronecker.factors(
+            site.module, site.d_out, site.d_in + (site.bias is not None)
+        )
+        # [k, d_out * (d_in + 1)]: the final map times P_out ⊗ P_in
+        full = sketcher.kronecker.final_map(site.module) @ torch.kron(p_out, p_in)
         full = full.reshape(sketcher.k, site.d_out, -1)
         blocks.append(full[:, :, : site.d_in].reshape(sketcher.k, -1))
         order.append(site.weight)
@@ -141,7 +150,7 @@ def test_captured_linear_signals_rebuild_each_examples_weight_gradient():
     assert all(p.requires_grad for p in bundle.module.parameters()), "flags must be restored"
     assert all(p.grad is None for p in bundle.module.parameters()), "no weight gradient computed"
     for site in sites:
-        (x, delta), = signals[site.module]
+        ((x, delta),) = signals[site.module]
         weight_grads = torch.einsum("bto,bti->boi", delta, x)
         expected = loop_gradients(bundle, batch, [site.weight]).reshape(5, site.d_out, site.d_in)
         torch.testing.assert_close(weight_grads, expected, atol=1e-5, rtol=1e-5)
@@ -172,7 +181,11 @@ def test_kronecker_equals_final_map_times_blockdiag_kron_on_materialized_gradien
     batch = tokens(4)
     globs = ["blocks.0.attn.*", "blocks.0.fc.weight", "ln_f.weight", "tok_emb.weight"]
     sketcher = Sketcher(bundle, section("kronecker", k=48, kron_dim=5, params=globs), seed=2)
-    assert [s.module for s in sketcher.sites] == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.fc"]
+    assert [s.module for s in sketcher.sites] == [
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.0.fc",
+    ]
     assert [s.bias is not None for s in sketcher.sites] == [True, True, False]
     assert sketcher.dense_names == ["tok_emb.weight", "ln_f.weight"]  # fall back to dense Gaussian
     matrix, order = explicit_matrix(sketcher)
@@ -193,7 +206,13 @@ def test_kronecker_on_an_mlp_with_two_dimensional_linear_inputs():
 
 def test_kronecker_with_empty_globs_sketches_exactly_the_linear_layers():
     sketcher = Sketcher(tiny_lm(), section("kronecker"), seed=0)
-    linear = ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.fc", "blocks.0.fc_proj", "lm_head"]
+    linear = [
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.0.fc",
+        "blocks.0.fc_proj",
+        "lm_head",
+    ]
     assert sketcher.describe()["kron_layers"] == linear
     assert sketcher.dense_names == []
     assert "tok_emb.weight" not in sketcher.param_names and "lm_head.weight" in sketcher.param_names
@@ -203,7 +222,8 @@ def test_kronecker_with_empty_globs_sketches_exactly_the_linear_layers():
 
 
 @pytest.mark.parametrize(
-    ("kind", "k", "seeds"), [("gaussian", 512, 12), ("rademacher", 512, 12), ("sjlt", 512, 12), ("kronecker", 512, 48)]
+    ("kind", "k", "seeds"),
+    [("gaussian", 512, 12), ("rademacher", 512, 12), ("sjlt", 512, 12), ("kronecker", 512, 48)],
 )
 def test_sketched_inner_products_approximate_exact_ones_within_jl_bound(kind, k, seeds):
     bundle = tiny_lm()
@@ -219,7 +239,9 @@ def test_sketched_inner_products_approximate_exact_ones_within_jl_bound(kind, k,
         assert np.abs(z).max() <= 6.0, f"seed {seed}: worst pair at {np.abs(z).max():.1f} sd"
         z_sum = z_sum + z
     z_mean = z_sum / seeds
-    assert np.abs(z_mean).max() <= 5.0 / math.sqrt(seeds), f"bias: mean error {np.abs(z_mean).max():.2f} sd"
+    assert np.abs(z_mean).max() <= 5.0 / math.sqrt(seeds), (
+        f"bias: mean error {np.abs(z_mean).max():.2f} sd"
+    )
 
 
 def test_projection_matrices_have_unit_expected_gram():
@@ -253,7 +275,8 @@ def test_sjlt_prefix_is_a_jl_sketch():
     sketcher = Sketcher(bundle, section("sjlt", k=512, sjlt_nnz=4), seed=1)
     _, order = explicit_matrix(sketcher)
     grads = loop_gradients(bundle, batch, order)
-    prefix = take_prefix(sketcher.sketch_batch(batch), 128)  # the first band: a CountSketch of width 128
+    # the first 128 rows are the first band: a CountSketch of width 128
+    prefix = take_prefix(sketcher.sketch_batch(batch), 128)
     z = standardized_errors(prefix, grads, 2.0 / 128)
     assert np.abs(z).max() <= 6.0
 
@@ -262,7 +285,9 @@ def test_sjlt_prefix_is_a_jl_sketch():
 def test_rows_do_not_depend_on_batch_composition(kind):
     bundle = tiny_lm()
     batch = tokens(8)
-    sketcher = Sketcher(bundle, section(kind, k=64, params=["blocks.0.*", "lm_head.weight"]), seed=4)
+    sketcher = Sketcher(
+        bundle, section(kind, k=64, params=["blocks.0.*", "lm_head.weight"]), seed=4
+    )
     whole = sketcher.sketch_batch(batch)
     order = torch.tensor([5, 2, 7, 0, 3, 6, 1, 4])
     parts = [order[:3], order[3:8]]
@@ -299,7 +324,9 @@ def test_task_residual_is_minus_projected_mean_gradient(kind):
     residual = sketcher.task_residual({"tokens": batch["tokens"][s]} for s in splits)
     assert residual.dtype == np.float32 and residual.shape == (64,)
     np.testing.assert_allclose(residual, expected.numpy(), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(residual, -sketcher.sketch_batch(batch).mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        residual, -sketcher.sketch_batch(batch).mean(0), rtol=1e-4, atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------- configuration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -23,9 +24,20 @@ SEQ = 16
 N = 120
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: extra threads only add contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def lm() -> ModelBundle:
-    return build_model(ModelSection(n_layer=1, n_head=2, d_model=32), DataShape(seq_len=SEQ), seed=0)
+    return build_model(
+        ModelSection(n_layer=1, n_head=2, d_model=32), DataShape(seq_len=SEQ), seed=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -117,26 +129,31 @@ def test_bad_subsets_are_refused(lm, corpus):
 
 
 def test_train_many_matches_sequential_train(lm, corpus):
-    recipe = TrainRecipe(steps=10, batch_size=8, lr=3e-3, weight_decay=0.1, warmup_steps=2, grad_clip=0.5)
+    recipe = TrainRecipe(
+        steps=10, batch_size=8, lr=3e-3, weight_decay=0.1, warmup_steps=2, grad_clip=0.5
+    )
     subsets = [np.array([1, 5, 9]), np.arange(0, N, 2), np.arange(40, 110)]
     seeds = [0, 1, 2]
     init = train(lm, corpus, np.arange(N), RECIPE, seed=9).state_dict
-    sequential = [train(lm, corpus, s, recipe, seed, init_state=init) for s, seed in zip(subsets, seeds, strict=True)]
+    sequential = [
+        train(lm, corpus, s, recipe, seed, init_state=init)
+        for s, seed in zip(subsets, seeds, strict=True)
+    ]
     parallel = train_many(lm, corpus, subsets, recipe, seeds, init_state=init)
     for one, many in zip(sequential, parallel, strict=True):
         assert many.final_loss == pytest.approx(one.final_loss, rel=1e-4)
         np.testing.assert_allclose(many.losses, one.losses, rtol=1e-4)
         for key in one.state_dict:
-            torch.testing.assert_close(many.state_dict[key], one.state_dict[key], rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(
+                many.state_dict[key], one.state_dict[key], rtol=1e-3, atol=1e-4
+            )
     chunked = train_many(lm, corpus, subsets, recipe, seeds, init_state=init, max_models=2)
     for a, b in zip(parallel, chunked, strict=True):
         assert b.final_loss == pytest.approx(a.final_loss, rel=1e-5)
 
 
 def manual_metrics(bundle, state, data):
-    model = build_model(ModelSection(n_layer=1, n_head=2, d_model=32), DataShape(seq_len=SEQ), seed=0)
-    model = bundle.module.__class__ if False else None  # noqa: F841 (clarity: rebuild below)
-    module = __import__("copy").deepcopy(bundle.module)
+    module = copy.deepcopy(bundle.module)
     module.load_state_dict(state)
     module.eval()
     with torch.no_grad():
@@ -149,7 +166,10 @@ def manual_metrics(bundle, state, data):
 
 def test_evaluate_matches_a_manual_loop(lm, corpus):
     state = train(lm, corpus, np.arange(N), RECIPE, seed=0).state_dict
-    tasks = {"pattern": {"tokens": corpus["tokens"][:37]}, "noise": {"tokens": corpus["tokens"][70:]}}
+    tasks = {
+        "pattern": {"tokens": corpus["tokens"][:37]},
+        "noise": {"tokens": corpus["tokens"][70:]},
+    }
     got = evaluate_tasks(lm, state, tasks, batch_size=8)
     for task, data in tasks.items():
         expected = manual_metrics(lm, state, data)
@@ -159,7 +179,9 @@ def test_evaluate_matches_a_manual_loop(lm, corpus):
 
 
 def test_evaluate_classifier_accuracy_and_evaluate_many():
-    bundle = build_model(ModelSection(kind="mlp", hidden=16), DataShape(image_shape=(4, 4), num_classes=3), seed=0)
+    bundle = build_model(
+        ModelSection(kind="mlp", hidden=16), DataShape(image_shape=(4, 4), num_classes=3), seed=0
+    )
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (60, 4, 4), dtype=torch.uint8, generator=generator)
     labels = (images.float().mean((1, 2)) > 127).long() + (images[:, 0, 0] > 200).long()

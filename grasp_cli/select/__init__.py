@@ -74,7 +74,13 @@ def select(
         return greedy_select(np.asarray(phi[:, : objective.dim]), objective, budget, domains, caps)
     if algorithm == "stream":
         return stream_select(
-            phi, objective, budget, domains, caps,
-            max_iters=max_iters, block_rows=block_rows, progress=progress,
+            phi,
+            objective,
+            budget,
+            domains,
+            caps,
+            max_iters=max_iters,
+            block_rows=block_rows,
+            progress=progress,
         )
     raise ValueError(f"algorithm {algorithm!r}: choose 'auto', 'greedy' or 'stream'")

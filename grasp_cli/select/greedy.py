@@ -53,36 +53,77 @@ def greedy_select(
         raise ValueError(f"phi must be [N, >= {objective.dim}], got {phi.shape}")
     n = phi.shape[0]
     domains, caps = check_constraints(n, budget, domains, caps)
-    k = objective.dim
+    feats = np.ascontiguousarray(phi[:, : objective.dim], dtype=np.float64)
+    selected, gains, s, stats = greedy_extend(
+        feats,
+        objective,
+        budget,
+        np.zeros(objective.dim),
+        domains,
+        caps,
+        lazy=lazy,
+        candidates=candidates,
+    )
+    return Selection(
+        indices=selected,
+        gains=gains,
+        value=float(objective.value(s)),
+        s=s,
+        algorithm="greedy",
+        passes=0,
+        history=[stats],
+    )
+
+
+def greedy_extend(
+    feats: np.ndarray,
+    objective: SelectionObjective,
+    count: int,
+    base: np.ndarray,
+    domains: np.ndarray | None = None,
+    caps: np.ndarray | None = None,
+    lazy: bool = True,
+    candidates: int = 32,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+    """Greedily add ``count`` rows of ``feats`` to a set whose summed sketch is ``base``.
+
+    ``feats`` ``[M, k]`` float64 are the candidates; ``caps`` ``[D]`` are the slots left per
+    domain code (``domains`` ``[M]``). Returns ``(positions [count], gains [count],
+    s [k] = base + Σ chosen rows, stats)``. The caller makes sure ``count`` is reachable.
+    """
+    n, k = feats.shape
     obj = objective.collapsed() if objective.is_quadratic else objective
-    feats = np.ascontiguousarray(phi[:, :k], dtype=np.float64)  # [N, k]
     scale = obj.scale
     sc2 = scale * scale
     lin = obj.linear.T  # [k, J]
     quad = obj.quadratic  # [J, k, k]
     n_scen = obj.n_scenarios
     single = n_scen == 1
+    base = np.asarray(base, dtype=np.float64)
 
-    # precomputed per example and scenario: scale·⟨u_j, φ_i⟩ − ½ scale² ‖φ_i‖²_{Q_j}, and ‖φ_i‖_{Q_j}
+    # per example and scenario: ‖φ_i‖²_{Q_j}, its root, and the gain at s = base
     self_quad = np.empty((n, n_scen))
     for j in range(n_scen):
         self_quad[:, j] = np.einsum("ia,ia->i", feats @ quad[j], feats)
     np.maximum(self_quad, 0.0, out=self_quad)
     qnorm = np.sqrt(self_quad)
-    stale = scale * (feats @ lin) - 0.5 * sc2 * self_quad  # [N, J], gains at s0 (= 0)
+    stale = scale * (feats @ lin) - 0.5 * sc2 * self_quad  # [N, J]
     del self_quad
+    if base.any():
+        stale -= sc2 * (feats @ (quad @ base).T)
 
-    s = np.zeros(k)
-    pending = np.zeros(k)  # s − s0
+    s = base.copy()
+    pending = np.zeros(k)  # s − s0, where s0 is the point the stale gains were computed at
     f_now = obj.scenario_values(s)  # [J]
     value_now = float(obj.combine(f_now))
     available = np.ones(n, dtype=bool)
-    taken_per_domain = None if caps is None else np.zeros(len(caps), dtype=np.int64)
+    slots = None
     if caps is not None:
-        available &= caps[domains] > 0
+        slots = np.asarray(caps, dtype=np.int64).copy()
+        available &= slots[domains] > 0
 
-    selected = np.empty(budget, dtype=np.int64)
-    gains = np.empty(budget)
+    selected = np.empty(count, dtype=np.int64)
+    gains = np.empty(count)
     refreshes = lazy_hits = 0
 
     def exact_gain(scen_gain: np.ndarray) -> np.ndarray:
@@ -91,7 +132,7 @@ def greedy_select(
             return scen_gain[:, 0]
         return np.asarray(obj.combine(f_now[None, :] + scen_gain)) - value_now
 
-    for step in range(budget):
+    for step in range(count):
         q_pending = (quad @ pending).T  # [k, J]
         pnorm = np.sqrt(np.maximum(pending @ q_pending, 0.0))  # [J]
         fresh = not pending.any()
@@ -114,6 +155,14 @@ def greedy_select(
                 cand, threshold = top[:m], bound[top[m]]
                 cand_gain = exact_gain(stale[cand] - sc2 * (feats[cand] @ q_pending))
                 best = cand_gain.max()
+                if best < threshold:
+                    # widen: every example whose bound beats the best exact gain so far
+                    wide = np.flatnonzero(bound > best)
+                    if len(wide) <= n // 8:
+                        cand = wide
+                        cand_gain = exact_gain(stale[cand] - sc2 * (feats[cand] @ q_pending))
+                        best = cand_gain.max()
+                        threshold = best
                 if best >= threshold:
                     pick = int(cand[cand_gain == best].min())
                     scen_gain = stale[pick] - sc2 * (feats[pick] @ q_pending)
@@ -134,18 +183,11 @@ def greedy_select(
         s += feats[pick]
         pending += feats[pick]
         available[pick] = False
-        if caps is not None:
+        if slots is not None:
             d = domains[pick]
-            taken_per_domain[d] += 1
-            if taken_per_domain[d] >= caps[d]:
+            slots[d] -= 1
+            if slots[d] <= 0:
                 available[domains == d] = False
 
-    return Selection(
-        indices=selected,
-        gains=gains,
-        value=float(objective.value(s)),
-        s=s,
-        algorithm="greedy",
-        passes=0,
-        history=[{"refreshes": float(refreshes), "lazy_steps": float(lazy_hits)}],
-    )
+    stats = {"refreshes": float(refreshes), "lazy_steps": float(lazy_hits)}
+    return selected, gains, s, stats

@@ -72,11 +72,15 @@ class SelectionObjective:
                 )
             weights = weights / weights.sum()
         if not np.isfinite(self.scale) or self.scale <= 0:
-            raise InputError(f"selection objective: scale must be a positive number, got {self.scale}")
+            raise InputError(
+                f"selection objective: scale must be a positive number, got {self.scale}"
+            )
         if self.kappa < 0 or not np.isfinite(self.kappa):
             raise InputError(f"selection objective: kappa must be >= 0, got {self.kappa}")
         if self.mode not in ROBUST_MODES:
-            raise InputError(f"selection objective: mode {self.mode!r}: choose one of {ROBUST_MODES}")
+            raise InputError(
+                f"selection objective: mode {self.mode!r}: choose one of {ROBUST_MODES}"
+            )
         # symmetrize: only the symmetric part of Q matters, and the gradient formula assumes it
         quadratic = 0.5 * (quadratic + quadratic.transpose(0, 2, 1))
         object.__setattr__(self, "linear", linear)
@@ -185,7 +189,9 @@ class SelectionObjective:
             return np.asarray(self.combine(vals))
 
         # small steps matter: the std term can curve F sharply near γ = 0
-        grid = np.unique(np.concatenate([[0.0], np.geomspace(1e-6, 1.0, 121), np.linspace(0.0, 1.0, 257)]))
+        grid = np.unique(
+            np.concatenate([[0.0], np.geomspace(1e-6, 1.0, 121), np.linspace(0.0, 1.0, 257)])
+        )
         best = int(np.argmax(along(grid)))
         lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
         fine = np.linspace(lo, hi, 129)
@@ -216,7 +222,11 @@ def _task_arrays(
     """Validate per-task arrays; Q_t may be full ``[k, k]``, diagonal ``[k]`` or a scalar."""
     v = np.atleast_2d(np.asarray(linear, dtype=np.float64))
     n_tasks, k = v.shape
-    q_list = list(quadratic) if not isinstance(quadratic, np.ndarray) or quadratic.ndim != 3 else quadratic
+    q_list = (
+        list(quadratic)
+        if not isinstance(quadratic, np.ndarray) or quadratic.ndim != 3
+        else quadratic
+    )
     if len(q_list) != n_tasks:
         raise InputError(f"surrogate: {len(q_list)} quadratic terms for {n_tasks} tasks")
     q = np.empty((n_tasks, k, k))
@@ -229,7 +239,9 @@ def _task_arrays(
         elif q_t.shape == (k, k):
             q[t] = q_t
         else:
-            raise InputError(f"surrogate: task {t} quadratic has shape {q_t.shape}; expected (), ({k},) or ({k}, {k})")
+            raise InputError(
+                f"surrogate: task {t} quadratic has shape {q_t.shape}; expected (), ({k},) or ({k}, {k})"
+            )
     c = np.zeros(n_tasks) if offset is None else np.asarray(offset, dtype=np.float64).reshape(-1)
     w = np.ones(n_tasks) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
     sig = np.ones(n_tasks) if sigma is None else np.asarray(sigma, dtype=np.float64).reshape(-1)
@@ -310,11 +322,14 @@ def objective_from_bootstrap(
     if len(refits) == 0:
         raise InputError("robust='bootstrap' needs at least one surrogate refit")
     scenarios = [
-        objective_from_tasks(v, q, c, scale=scale, weights=weights, sigma=sigma) for v, q, c in refits
+        objective_from_tasks(v, q, c, scale=scale, weights=weights, sigma=sigma)
+        for v, q, c in refits
     ]
     dims = {sc.dim for sc in scenarios}
     if len(dims) != 1:
-        raise InputError(f"bootstrap refits use different sketch dims {sorted(dims)}; refit with one k'")
+        raise InputError(
+            f"bootstrap refits use different sketch dims {sorted(dims)}; refit with one k'"
+        )
     return SelectionObjective(
         linear=np.concatenate([sc.linear for sc in scenarios]),
         quadratic=np.concatenate([sc.quadratic for sc in scenarios]),
@@ -334,7 +349,9 @@ def budget_count(budget: float, n: int) -> int:
         raise InputError("select.budget must be positive")
     count = int(round(budget)) if budget >= 1 else max(1, int(round(budget * n)))
     if count > n:
-        raise InputError(f"select.budget = {budget} asks for {count} examples but the corpus has {n}")
+        raise InputError(
+            f"select.budget = {budget} asks for {count} examples but the corpus has {n}"
+        )
     return count
 
 
@@ -381,7 +398,9 @@ def check_constraints(
         raise InputError("per-domain caps need the domain code of every example")
     domains = np.asarray(domains)
     if domains.shape != (n,) or not np.issubdtype(domains.dtype, np.integer):
-        raise InputError(f"domain codes must be {n} integers, got shape {domains.shape} {domains.dtype}")
+        raise InputError(
+            f"domain codes must be {n} integers, got shape {domains.shape} {domains.dtype}"
+        )
     caps = np.asarray(caps, dtype=np.int64).reshape(-1)
     if n and (domains.min() < 0 or domains.max() >= len(caps)):
         raise InputError(f"domain codes must lie in [0, {len(caps)}) (one cap per domain)")
@@ -408,17 +427,20 @@ class Selection:
         indices: ``[B]`` int64 row indices, in selection order (greedy) or by decreasing
             gain (stream, additive).
         gains: ``[B]`` float64, same order: greedy — the exact marginal gain of F when the
-            example was taken; stream — its linearized gain ``⟨∇_s F(s), φ_i⟩`` at the last
-            linearization; additive — its standalone linear score ``scale·⟨ū, φ_i⟩``.
+            example was taken (they sum to F(S) − F(∅)); stream — its linearized gain
+            ``⟨∇_s F(s), φ_i⟩`` at the linearization that produced the set; additive — its
+            standalone linear score ``scale·⟨ū, φ_i⟩``.
         value: F of the selected set.
         s: ``[k']`` the selected set's summed sketch ``Σ_{i∈S} φ_i``.
         algorithm: ``'greedy'``, ``'stream'`` or ``'additive'``.
         passes: full reads of the sketch array (stream, additive); 0 for greedy (in memory).
-        history: per iteration (stream) — dicts with ``objective`` (F of that iteration's
-            top-B set), ``relaxed`` (F at the relaxed point after the step), ``step``,
-            ``changed`` (examples swapped in vs the previous top-B set), ``gap`` (the
-            conditional-gradient gap); greedy — counts of exact refreshes.
-        converged: stream: True when the top-B set stopped changing before ``max_iters``.
+        history: stream — one dict per pass: ``vertex`` (F of the pass's top-B set), ``gap``
+            (conditional-gradient gap at the pass), ``new`` (top-B examples not yet in
+            memory), ``relaxed`` (F of the relaxed point after the in-memory steps),
+            ``rounded`` (F of its rounding), ``inner`` (in-memory steps), and on the last
+            pass ``completed`` (F of the greedy completion) when it ran; greedy — one dict
+            with ``refreshes`` (full gain updates) and ``lazy_steps``.
+        converged: stream: True when it stopped before ``max_iters``.
     """
 
     indices: np.ndarray

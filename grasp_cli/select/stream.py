@@ -1,19 +1,26 @@
 """Streaming selection for corpora whose sketches live on disk (Zarr) or are too many for greedy.
 
 Iterated linearization = conditional gradient (Frank–Wolfe) on the relaxation
-``x ∈ [0, 1]^N, Σ x = B`` (plus per-domain caps), with ``s = Σ_i x_i φ_i``. Each
+``x ∈ [0, 1]^N, Σ x = B`` (plus per-domain caps), with ``s = Σ_i x_i φ_i``. Each outer
 iteration is ONE pass over the sketch array, block by block:
 
 1. score every example by its linearized gain ``g_i = ⟨∇_s F(s), φ_i⟩``;
-2. keep a streaming top-B (per block ``np.argpartition``, merged with the running top-B;
-   with caps, the top-B among each domain's top-cap), and accumulate the summed sketch of
-   the running top-B set at the same time (rows of examples that entered it are kept,
-   and compacted to those still in it);
-3. after the pass, step ``s ← s + γ (s_V − s)`` towards that vertex (exact line search).
+2. keep a streaming top-B within caps (per block: a threshold filter and
+   ``np.partition``, merged with the running top-B; ties go to the lower row index), plus
+   the rows of the running set, so the vertex's summed sketch ``s_V`` and its exact F are
+   known at the end of the same pass; optionally also the top ``B + extra_rows`` rows;
+3. the conditional-gradient gap ``⟨∇F(s), s_V − s⟩`` bounds how far the relaxation is
+   from its optimum; stop when it is small or when the top-B set brings no example that
+   is not already in memory ("the top-B set stops changing");
+4. otherwise add the new rows to the rows held in memory and run conditional-gradient
+   steps (exact line search) on the relaxation restricted to them — cheap, no reads. This
+   is column generation: passes only *price* the corpus, so few passes are needed.
 
-It stops when the top-B set stops changing (or after ``max_iters`` passes). The answer is
-an integer set of size B: the top-B set of a linearization — the last one, or an earlier
-one if its F was higher (every pass evaluates its set's F exactly, at no extra read).
+Every pass's top-B set and every rounding of the relaxed point (the B largest ``x``; at the
+end also a greedy completion: keep ``x = 1``, fill the rest by exact greedy over the other
+rows in memory) is a valid integer set of size B within the caps, and F of each is
+computed exactly; the best one is returned. Memory: the rows in memory, about
+``(2B + extra_rows·passes)·k`` floats.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from grasp_cli.select.greedy import greedy_extend
 from grasp_cli.select.objective import Selection, SelectionObjective, check_constraints
 
 
@@ -51,8 +59,7 @@ def iter_blocks(
     starts = list(range(0, n, block_rows))
 
     def read(start: int) -> np.ndarray:
-        block = np.asarray(phi[start : min(start + block_rows, n)])
-        block = block[:, :k]
+        block = np.asarray(phi[start : min(start + block_rows, n), :k])
         if block.dtype != np.float32:
             block = block.astype(np.float32)
         return block
@@ -83,23 +90,44 @@ def iter_blocks(
             bar.close()
 
 
+_COPY_ROWS = 8192  # rows per copy: keeps temporaries small enough for the allocator to reuse
+
+
+def _sum_rows(rows: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+    """``[k]`` float64 sum of ``rows[positions]`` (all rows when None), a few rows at a time."""
+    total = np.zeros(rows.shape[1])
+    count = len(rows) if positions is None else len(positions)
+    for start in range(0, count, _COPY_ROWS):
+        if positions is None:
+            part = rows[start : start + _COPY_ROWS]
+        else:
+            part = rows[positions[start : start + _COPY_ROWS]]
+        total += part.sum(axis=0, dtype=np.float64)
+    return total
+
+
 class StreamingTopB:
     """The top-``budget`` rows by score over a stream of blocks, optionally with per-domain caps.
 
-    Ties break towards the lower row index, so the result does not depend on block sizes.
-    With ``keep_rows`` the summed features of the final set are available at the end.
+    Blocks must arrive in increasing row order (as :func:`iter_blocks` yields them). Ties
+    break towards the lower row index, so the result does not depend on block sizes. With
+    ``keep_rows`` the rows of the running set live in a fixed ``[budget, k]`` buffer (a row
+    that leaves the set frees its slot for one that enters), so memory stays O(budget·k).
     """
 
     def __init__(self, budget: int, caps: np.ndarray | None = None, keep_rows: bool = True) -> None:
+        if budget < 1:
+            raise ValueError(f"budget must be positive, got {budget}")
         self.budget = budget
         self.caps = caps
         self.keep_rows = keep_rows
+        # the running set, in increasing row index
         self.idx = np.empty(0, dtype=np.int64)
         self.score = np.empty(0, dtype=np.float64)
         self.dom = np.empty(0, dtype=np.int64)
-        self._row_idx: list[np.ndarray] = []
-        self._rows: list[np.ndarray] = []
-        self._stored = 0
+        self.slot = np.empty(0, dtype=np.int64)  # buffer row of each member
+        self._buffer: np.ndarray | None = None
+        self._order: np.ndarray | None = None
 
     def push(
         self,
@@ -108,62 +136,69 @@ class StreamingTopB:
         rows: np.ndarray | None = None,
         dom: np.ndarray | None = None,
     ) -> None:
-        """Offer examples ``idx`` [m] with ``score`` [m] (and their ``rows`` [m, k], ``dom`` [m])."""
+        """Offer rows ``idx`` [m] (increasing, after every row pushed before) with ``score`` [m],
+        their ``rows`` [m, k] (with ``keep_rows``) and domain codes ``dom`` [m] (with caps)."""
         budget = self.budget
+        self._order = None
+        idx = np.asarray(idx, dtype=np.int64)
         score = np.asarray(score, dtype=np.float64)
-        keep = np.arange(len(idx))
+        cand = np.arange(len(idx))
         if len(self.idx) >= budget:  # nothing below the current B-th score can enter
-            keep = keep[score >= self.score[-1]]
-        if self.caps is None and len(keep) > budget:
-            part = np.argpartition(-score[keep], budget - 1)
-            cut = score[keep][part[budget - 1]]
-            keep = keep[score[keep] >= cut]  # keep ties at the cut for index tie-breaking
-        if len(keep) == 0:
+            cand = cand[score >= self.score.min()]
+        if len(cand) == 0:
             return
-        all_idx = np.concatenate([self.idx, idx[keep]])
-        all_score = np.concatenate([self.score, score[keep]])
+        n_old = len(self.idx)
+        all_score = np.concatenate([self.score, score[cand]])
         all_dom = None
         if self.caps is not None:
-            all_dom = np.concatenate([self.dom, np.asarray(dom)[keep]])
-        order = np.lexsort((all_idx, -all_score))
-        if self.caps is not None:
+            all_dom = np.concatenate([self.dom, np.asarray(dom, dtype=np.int64)[cand]])
+            keep = np.zeros(len(all_score), dtype=bool)
+            order = np.argsort(-all_score, kind="stable")  # positions are in row order already
             order = order[_within_caps(all_dom[order], self.caps)]
-        order = order[:budget]
-        self.idx, self.score = all_idx[order], all_score[order]
+            keep[order[:budget]] = True
+        elif len(all_score) > budget:
+            cut = np.partition(all_score, len(all_score) - budget)[len(all_score) - budget]
+            keep = all_score > cut
+            ties = np.flatnonzero(all_score == cut)[: budget - int(keep.sum())]
+            keep[ties] = True  # the lowest row indices among the ties
+        else:
+            keep = np.ones(len(all_score), dtype=bool)
+        entered = cand[keep[n_old:]]
+        if self.keep_rows and len(entered):
+            if self._buffer is None:
+                self._buffer = np.empty((budget, rows.shape[1]), dtype=rows.dtype)
+            used = np.zeros(budget, dtype=bool)
+            used[self.slot[keep[:n_old]]] = True
+            new_slots = np.flatnonzero(~used)[: len(entered)]
+            for start in range(0, len(entered), _COPY_ROWS):
+                part = slice(start, start + _COPY_ROWS)
+                self._buffer[new_slots[part]] = rows[entered[part]]
+            self.slot = np.concatenate([self.slot[keep[:n_old]], new_slots])
+        self.idx = np.concatenate([self.idx, idx[cand]])[keep]
+        self.score = all_score[keep]
         if all_dom is not None:
-            self.dom = all_dom[order]
-        if self.keep_rows:
-            entered = keep[np.isin(idx[keep], self.idx, assume_unique=True)]
-            if len(entered):
-                self._row_idx.append(np.asarray(idx[entered], dtype=np.int64))
-                self._rows.append(np.asarray(rows[entered]))
-                self._stored += len(entered)
-            if self._stored > 2 * budget:
-                self._compact()
+            self.dom = all_dom[keep]
 
-    def _compact(self) -> None:
-        if not self._rows:
-            return
-        row_idx = np.concatenate(self._row_idx)
-        rows = np.concatenate(self._rows)
-        alive = np.isin(row_idx, self.idx, assume_unique=True)
-        self._row_idx, self._rows = [row_idx[alive]], [rows[alive]]
-        self._stored = int(alive.sum())
+    def _score_order(self) -> np.ndarray:
+        if self._order is None or len(self._order) != len(self.score):
+            self._order = np.argsort(-self.score, kind="stable")
+        return self._order
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """``(indices [<=B], scores)`` by decreasing score (ties: lower index first)."""
-        return self.idx.copy(), self.score.copy()
+        order = self._score_order()
+        return self.idx[order], self.score[order]
 
     def rows(self) -> np.ndarray:
         """``[<=B, k]`` the rows of the current top set, in the order of :meth:`result`."""
         if not self.keep_rows:
             raise RuntimeError("StreamingTopB(keep_rows=False) keeps no rows")
-        self._compact()
-        if not self._rows:
+        if self._buffer is None:
             return np.empty((0, 0), dtype=np.float32)
-        row_idx, rows = self._row_idx[0], self._rows[0]
-        order = np.argsort(row_idx)
-        return rows[order[np.searchsorted(row_idx[order], self.idx)]]
+        slots = self.slot[self._score_order()]
+        if len(slots) == self.budget and np.array_equal(slots, np.arange(self.budget)):
+            return self._buffer
+        return self._buffer[slots]
 
 
 def _within_caps(dom_sorted: np.ndarray, caps: np.ndarray) -> np.ndarray:
@@ -188,18 +223,60 @@ def _top_b_pass(
     prefetch: bool,
     progress: bool,
     desc: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One pass: top-B of ``phi @ direction`` within caps → (indices, scores, rows [B, k])."""
+    pool: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over ``phi`` scoring every row by ``φ_i · direction``.
+
+    Returns the top-B within caps ``(indices, scores, rows [B, k])`` and, when ``pool`` >
+    ``budget``, also the top-``pool`` rows ignoring caps ``(pool indices, pool rows)`` (extra
+    candidate rows for the in-memory solve); otherwise those repeat the top-B.
+    """
     k = len(direction)
     top = StreamingTopB(budget, caps=caps, keep_rows=True)
+    wide = StreamingTopB(pool, keep_rows=True) if pool > budget else None
     dir32 = direction.astype(np.float32)
-    for start, block in iter_blocks(phi, block_rows, k, prefetch=prefetch, progress=progress, desc=desc):
+    for start, block in iter_blocks(
+        phi, block_rows, k, prefetch=prefetch, progress=progress, desc=desc
+    ):
         scores = block @ dir32
         idx = np.arange(start, start + len(block), dtype=np.int64)
-        dom = None if domains is None else domains[start : start + len(block)]
-        top.push(idx, scores, rows=block, dom=dom)
+        if wide is not None:
+            wide.push(idx, scores, rows=block)
+        if wide is None or caps is not None:
+            dom = None if domains is None else domains[start : start + len(block)]
+            top.push(idx, scores, rows=block, dom=dom)
+    if wide is None:
+        indices, scores = top.result()
+        rows = top.rows()
+        return indices, scores, rows, indices, rows
+    pool_idx, pool_scores = wide.result()
+    pool_rows = wide.rows()
+    if caps is None:  # the top-B is the head of the wider pool
+        return pool_idx[:budget], pool_scores[:budget], pool_rows[:budget], pool_idx, pool_rows
     indices, scores = top.result()
-    return indices, scores, top.rows()
+    return indices, scores, top.rows(), pool_idx, pool_rows
+
+
+def _gather_rows(wanted: np.ndarray, *sources: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """``[len(wanted), k]`` float32 rows for the row indices ``wanted`` (sorted, unique),
+    each found in one of ``sources`` = ``(indices, rows)`` pairs."""
+    k = sources[0][1].shape[1] if len(sources[0][1]) else 0
+    out = np.empty((len(wanted), k), dtype=np.float32)
+    found = np.zeros(len(wanted), dtype=bool)
+    for src_idx, src_rows in sources:
+        if len(src_idx) == 0:
+            continue
+        order = np.argsort(src_idx)
+        pos = np.minimum(np.searchsorted(src_idx, wanted, sorter=order), len(src_idx) - 1)
+        hit = (src_idx[order[pos]] == wanted) & ~found
+        targets = np.flatnonzero(hit)
+        for start in range(0, len(targets), _COPY_ROWS):
+            part = targets[start : start + _COPY_ROWS]
+            out[part] = src_rows[order[pos[part]]]
+        found |= hit
+    if not found.all():
+        raise AssertionError("internal: rows missing from the pass results")
+    return out
 
 
 def _top_b_in_memory(
@@ -227,6 +304,14 @@ def _vertex(
     return _top_b_in_memory((np.arange(len(scores)), -scores), budget, dom, caps)
 
 
+def _rows_dot(rows: np.ndarray, weights: np.ndarray, chunk: int = _COPY_ROWS) -> np.ndarray:
+    """``rowsᵀ @ weights`` in float64, converting ``rows`` a chunk at a time."""
+    out = np.zeros(rows.shape[1])
+    for start in range(0, len(rows), chunk):
+        out += rows[start : start + chunk].T.astype(np.float64) @ weights[start : start + chunk]
+    return out
+
+
 def _solve_restricted(
     objective: SelectionObjective,
     rows: np.ndarray,
@@ -240,17 +325,26 @@ def _solve_restricted(
     """Conditional gradient on the relaxation restricted to the rows in memory.
 
     ``rows`` [M, k] float32, ``x`` [M] a feasible start. Returns ``(x, s, iterations)``;
-    stops when the gap ``⟨∇F(s), s_V − s⟩`` is at most ``tol``.
+    stops when the gap ``⟨∇F(s), s_V − s⟩`` is at most ``tol``. One ``[M, k]`` product per
+    iteration: the vertex's summed sketch is updated from the rows that entered or left it.
     """
-    s = rows.T.astype(np.float64) @ x
+    s = _rows_dot(rows, x)
+    member = np.zeros(len(x), dtype=bool)
+    s_vertex = np.zeros(rows.shape[1])
     done = 0
-    for done in range(1, iters + 1):
+    while done < iters:
+        done += 1
         grad = objective.gradient(s)
         scores = rows @ grad.astype(np.float32)
-        vertex = _vertex(scores, budget, dom, caps)
-        indicator = np.zeros(len(x), dtype=np.float32)
-        indicator[vertex] = 1.0
-        s_vertex = (indicator @ rows).astype(np.float64)
+        new_member = np.zeros(len(x), dtype=bool)
+        new_member[_vertex(scores, budget, dom, caps)] = True
+        entered = np.flatnonzero(new_member & ~member)
+        left = np.flatnonzero(member & ~new_member)
+        if len(entered) + len(left) > budget // 2:
+            s_vertex = _rows_dot(rows, new_member.astype(np.float64))
+        else:
+            s_vertex = s_vertex + _sum_rows(rows, entered) - _sum_rows(rows, left)
+        member = new_member
         direction = s_vertex - s
         if grad @ direction <= tol:
             break
@@ -258,10 +352,47 @@ def _solve_restricted(
         if gamma <= 0.0:
             break
         x *= 1.0 - gamma
-        x[vertex] += gamma
+        x[member] += gamma
         s = s + gamma * direction
-    s = rows.T.astype(np.float64) @ x
-    return x, s, done
+    return x, _rows_dot(rows, x), done
+
+
+def _greedy_completion(
+    objective: SelectionObjective,
+    rows: np.ndarray,
+    x: np.ndarray,
+    budget: int,
+    dom: np.ndarray | None,
+    caps: np.ndarray | None,
+    max_work: float,
+) -> np.ndarray | None:
+    """Round the relaxed ``x``: keep the examples with ``x = 1`` and fill the remaining slots
+    by exact greedy over the other rows in memory (fractional ones first if the pool is
+    too large). Returns positions ``[budget]``, or None when that would exceed ``max_work``
+    (slots × pool rows)."""
+    whole = np.flatnonzero(x >= 1.0 - 1e-9)
+    if len(whole) >= budget or len(x) == 0:
+        return None  # nothing fractional: the x-rounding already is this set
+    slots = budget - len(whole)
+    pool = np.flatnonzero(x < 1.0 - 1e-9)
+    if slots * len(pool) > max_work:
+        pool = pool[x[pool] > 1e-12]
+        if slots * len(pool) > max_work or len(pool) < slots:
+            return None
+    left = None
+    if caps is not None:
+        left = caps - np.bincount(dom[whole], minlength=len(caps))
+        if (
+            np.minimum(np.maximum(left, 0), np.bincount(dom[pool], minlength=len(caps))).sum()
+            < slots
+        ):
+            return None
+    feats = rows[pool].astype(np.float64)
+    base = _sum_rows(rows, whole)
+    chosen, _, _, _ = greedy_extend(
+        feats, objective, slots, base, None if dom is None else dom[pool], left
+    )
+    return np.concatenate([whole, pool[chosen]])
 
 
 def stream_select(
@@ -273,7 +404,9 @@ def stream_select(
     max_iters: int = 20,
     block_rows: int = 262_144,
     inner_iters: int = 100,
-    tol: float = 1e-4,
+    extra_rows: int | None = None,
+    tol: float = 1e-3,
+    completion_work: float = 1e7,
     progress: bool = True,
     prefetch: bool = True,
 ) -> Selection:
@@ -288,14 +421,18 @@ def stream_select(
         max_iters: most passes over ``phi``.
         block_rows: rows read per block (a multiple of the Zarr chunk rows reads best).
         inner_iters: conditional-gradient steps on the rows in memory between passes.
+        extra_rows: rows beyond the top-B (by linearized gain, ignoring caps) that each pass
+            also brings into memory as candidates; None = max(B, 1024). More rows, fewer passes.
         tol: stop when the conditional-gradient gap is at most ``tol`` times the objective's
             gain over the empty sketch (``|F(s) − F(0)|``).
+        completion_work: most (open slots × candidate rows) for the greedy rounding of the
+            final relaxed point (skipped above it; the plain x-rounding is always done).
         progress: show a tqdm bar over blocks for each pass.
         prefetch: read the next block in a background thread.
 
     Returns:
-        A :class:`Selection`: indices by decreasing linearized gain at the final
-        linearization, ``passes`` (full reads of ``phi``), per-pass ``history``.
+        A :class:`Selection`: the best integer set found (indices by decreasing linearized
+        gain), ``passes`` (full reads of ``phi``), per-pass ``history``, ``converged``.
     """
     n = _n_rows(phi)
     if len(phi.shape) != 2 or phi.shape[1] < objective.dim:
@@ -305,66 +442,91 @@ def stream_select(
     domains, caps = check_constraints(n, budget, domains, caps)
     k = objective.dim
     base_value = float(objective.value(np.zeros(k)))
+    if extra_rows is None:
+        extra_rows = max(budget, 1024)
 
-    support = np.empty(0, dtype=np.int64)  # sorted row indices held in memory
+    support = np.empty(0, dtype=np.int64)  # row indices held in memory (unique, unsorted)
     rows = np.empty((0, k), dtype=np.float32)
     x = np.empty(0)
     s = np.zeros(k)
     history: list[dict[str, float]] = []
-    best: tuple[float, np.ndarray, np.ndarray] | None = None  # (F, positions in support, -)
+    # the best integer set seen: (F, indices, linearized gains, Σ rows)
+    best: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None = None
     converged = False
 
-    def consider(value: float, chosen: np.ndarray) -> None:
+    def consider(value: float, indices: np.ndarray, gains: np.ndarray, s_set: np.ndarray) -> None:
         nonlocal best
         if best is None or value > best[0]:
-            best = (value, support[chosen], rows[chosen].sum(axis=0, dtype=np.float64))
+            best = (value, indices, gains, s_set)
 
     for it in range(max_iters):
         grad = objective.gradient(s)
-        v_idx, v_scores, v_rows = _top_b_pass(
-            phi, grad, budget, domains, caps, block_rows, prefetch, progress, f"select pass {it + 1}"
+        v_idx, v_scores, v_rows, p_idx, p_rows = _top_b_pass(
+            phi,
+            grad,
+            budget,
+            domains,
+            caps,
+            block_rows,
+            prefetch,
+            progress,
+            f"select pass {it + 1}",
+            pool=min(n, budget + extra_rows),
         )
-        s_vertex = v_rows.sum(axis=0, dtype=np.float64)
+        s_vertex = _sum_rows(v_rows)
+        vertex_value = float(objective.value(s_vertex))
         gap = float(grad @ (s_vertex - s))
-        scale_ref = abs(float(objective.value(s)) - base_value) if it else 0.0
+        # the gap bounds F* − F(s) on the relaxation; tolerances are relative to F's gain
+        scale_ref = abs((float(objective.value(s)) if it else vertex_value) - base_value)
         fresh = ~np.isin(v_idx, support, assume_unique=True)
         record = {
             "pass": float(it + 1),
-            "vertex": float(objective.value(s_vertex)),
+            "vertex": vertex_value,
             "gap": gap,
             "new": float(fresh.sum()),
         }
+        fresh_rows = np.union1d(v_idx[fresh], p_idx[~np.isin(p_idx, support, assume_unique=True)])
+        consider(record["vertex"], v_idx, v_scores, s_vertex)
         if it > 0 and (not fresh.any() or gap <= tol * scale_ref):
-            record.update(relaxed=float(objective.value(s)), rounded=history[-1]["rounded"], inner=0.0)
+            record.update(
+                relaxed=float(objective.value(s)), rounded=history[-1]["rounded"], inner=0.0
+            )
             history.append(record)
             converged = True
             break
-        # add the new examples to the rows in memory (x = 0 there), keep the support sorted
-        support = np.concatenate([support, v_idx[fresh]])
-        rows = np.concatenate([rows, v_rows[fresh].astype(np.float32)])
-        x = np.concatenate([x, np.zeros(int(fresh.sum()))])
-        order = np.argsort(support, kind="stable")
-        support, rows, x = support[order], rows[order], x[order]
-        dom = None if domains is None else domains[support]
-        if it == 0:
-            x[:] = 1.0  # s = 0 is infeasible (Σx = 0): start at the first vertex
+        # append the new rows (x = 0 there); the support is not kept sorted (no big reshuffle)
+        new_rows = _gather_rows(fresh_rows, (v_idx, v_rows), (p_idx, p_rows))
+        support = np.concatenate([support, fresh_rows])
+        rows = np.concatenate([rows, new_rows]) if len(rows) else new_rows
+        x = np.concatenate([x, np.zeros(len(fresh_rows))])
+        if it == 0:  # s = 0 is infeasible (Σx = 0): start at the first vertex
+            x[np.searchsorted(support, v_idx)] = 1.0
             s = s_vertex.copy()
-        consider(record["vertex"], np.searchsorted(support, v_idx))
+        dom = None if domains is None else domains[support]
         x, s, inner = _solve_restricted(
-            objective, rows, x, budget, dom, caps, inner_iters, tol * max(abs(record["vertex"] - base_value), 1e-300)
+            objective, rows, x, budget, dom, caps, inner_iters, 0.1 * tol * scale_ref
         )
         # round the relaxed point: the B largest x (ties: larger linearized gain, lower index)
         scores = rows @ objective.gradient(s).astype(np.float32)
         rounded = _top_b_in_memory((support, -scores, -x), budget, dom, caps)
-        rounded_value = float(objective.value(rows[rounded].sum(axis=0, dtype=np.float64)))
-        consider(rounded_value, rounded)
+        s_rounded = _sum_rows(rows, rounded)
+        rounded_value = float(objective.value(s_rounded))
+        consider(rounded_value, support[rounded], scores[rounded], s_rounded)
         record.update(relaxed=float(objective.value(s)), rounded=rounded_value, inner=float(inner))
         history.append(record)
 
+    # greedy rounding of the final relaxed point (exact gains, rows in memory)
+    dom = None if domains is None else domains[support]
+    completed = _greedy_completion(objective, rows, x, budget, dom, caps, completion_work)
+    if completed is not None:
+        scores = rows @ objective.gradient(s).astype(np.float32)
+        s_completed = _sum_rows(rows, completed)
+        completed_value = float(objective.value(s_completed))
+        history[-1]["completed"] = completed_value
+        consider(completed_value, support[completed], scores[completed], s_completed)
     assert best is not None
-    value, chosen, s_best = best
-    final_scores = rows @ objective.gradient(s).astype(np.float32)
-    gains = final_scores[np.searchsorted(support, chosen)].astype(np.float64)
+    value, chosen, gains, s_best = best
+    gains = gains.astype(np.float64)
     order = np.lexsort((chosen, -gains))
     return Selection(
         indices=chosen[order],
@@ -397,10 +559,10 @@ def additive_top_b(
     n = _n_rows(phi)
     domains, caps = check_constraints(n, budget, domains, caps)
     direction = objective.scale * objective.mean_linear()
-    indices, scores, rows = _top_b_pass(
+    indices, scores, rows, _, _ = _top_b_pass(
         phi, direction, budget, domains, caps, block_rows, prefetch, progress, "additive"
     )
-    s = rows.sum(axis=0, dtype=np.float64)
+    s = _sum_rows(rows)
     return Selection(
         indices=indices,
         gains=scores.astype(np.float64),

@@ -51,7 +51,9 @@ def select_parameters(module: nn.Module, globs: list[str]) -> list[str]:
     for pattern in globs:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            raise ConfigError(f"sketch.params: {pattern!r} matches no parameter (parameters: {shown})")
+            raise ConfigError(
+                f"sketch.params: {pattern!r} matches no parameter (parameters: {shown})"
+            )
     return [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in globs)]
 
 
@@ -66,7 +68,9 @@ def linear_sites(module: nn.Module, names: list[str]) -> list[LinearSite]:
         if f"{prefix}weight" not in chosen:
             continue
         bias = f"{prefix}bias" if layer.bias is not None and f"{prefix}bias" in chosen else None
-        sites.append(LinearSite(path, f"{prefix}weight", bias, layer.in_features, layer.out_features))
+        sites.append(
+            LinearSite(path, f"{prefix}weight", bias, layer.in_features, layer.out_features)
+        )
     return sites
 
 
@@ -76,7 +80,9 @@ def _outputs(bundle: ModelBundle, batch: Batch) -> torch.Tensor:
 
 def _check_losses(losses: torch.Tensor, batch_size: int) -> torch.Tensor:
     if losses.shape != (batch_size,):
-        raise ValueError(f"per_example_loss must return shape [{batch_size}], got {tuple(losses.shape)}")
+        raise ValueError(
+            f"per_example_loss must return shape [{batch_size}], got {tuple(losses.shape)}"
+        )
     return losses
 
 
@@ -135,7 +141,9 @@ def linear_signals(
     does not depend on yields zero ``δ``.
     """
     module = bundle.module
-    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {site.module: [] for site in sites}
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {
+        site.module: [] for site in sites
+    }
     layers = dict(module.named_modules())
     handles = []
 
@@ -153,7 +161,9 @@ def linear_signals(
         for site in sites:
             handles.append(layers[site.module].register_forward_hook(make_hook(site.module)))
         with frozen_parameters(module), torch.enable_grad():
-            losses = _check_losses(bundle.per_example_loss(_outputs(bundle, batch), batch), batch_size)
+            losses = _check_losses(
+                bundle.per_example_loss(_outputs(bundle, batch), batch), batch_size
+            )
             outputs = [out for pairs in records.values() for _, out in pairs]
             deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
     finally:
@@ -170,7 +180,9 @@ def linear_signals(
     return result
 
 
-def summed_gradient(bundle: ModelBundle, names: list[str], batch: Batch) -> tuple[dict[str, torch.Tensor], int]:
+def summed_gradient(
+    bundle: ModelBundle, names: list[str], batch: Batch
+) -> tuple[dict[str, torch.Tensor], int]:
     """``({name: Σ_b ∇ℓ_b}, B)``: the ordinary gradient of the summed loss over the batch."""
     module = bundle.module
     params = dict(module.named_parameters())

@@ -94,7 +94,12 @@ class DenseProjector:
     """
 
     def __init__(
-        self, kind: str, k: int, seed: int, device: str | torch.device = "cpu", cache_bytes: int = 1 << 28
+        self,
+        kind: str,
+        k: int,
+        seed: int,
+        device: str | torch.device = "cpu",
+        cache_bytes: int = 1 << 28,
     ) -> None:
         if kind not in DENSE_KINDS:
             raise ValueError(f"dense projection kind must be one of {DENSE_KINDS}, got {kind!r}")
@@ -141,13 +146,20 @@ class SparseProjector:
     """
 
     def __init__(
-        self, k: int, nnz: int, seed: int, device: str | torch.device = "cpu", cache_bytes: int = 1 << 28
+        self,
+        k: int,
+        nnz: int,
+        seed: int,
+        device: str | torch.device = "cpu",
+        cache_bytes: int = 1 << 28,
     ) -> None:
         self.k, self.seed = k, seed
         self.nnz = min(nnz, k)
         self.device = torch.device(device)
         self._cache = _BlockCache(cache_bytes)
-        self._edges = np.array([(band * k) // self.nnz for band in range(self.nnz + 1)], dtype=np.int64)
+        self._edges = np.array(
+            [(band * k) // self.nnz for band in range(self.nnz + 1)], dtype=np.int64
+        )
 
     def block(self, name: str, index: int, cols: int) -> torch.Tensor:
         """Sparse COO block ``[k, cols]`` (scaled) for parameter ``name``."""
@@ -157,7 +169,9 @@ class SparseProjector:
             widths = np.diff(self._edges)
             offsets = rng.integers(0, widths, size=(cols, self.nnz))  # [cols, nnz]
             rows = self._edges[:-1][None, :] + offsets
-            signs = rng.integers(0, 2, size=(cols, self.nnz), dtype=np.int8).astype(np.float32) * 2 - 1
+            signs = (
+                rng.integers(0, 2, size=(cols, self.nnz), dtype=np.int8).astype(np.float32) * 2 - 1
+            )
             values = signs * np.float32(1.0 / math.sqrt(self.nnz))
             cols_index = np.repeat(np.arange(cols, dtype=np.int64), self.nnz)
             indices = torch.from_numpy(np.stack([rows.reshape(-1), cols_index]))
@@ -224,7 +238,9 @@ class KroneckerProjector:
 
     def final_map(self, layer: str) -> torch.Tensor:
         """This layer's columns ``Q_layer [k, kd*kd]`` of the final Gaussian map."""
-        return self._scaled(("kron-final", layer), self.k, self.kd * self.kd, 1.0 / math.sqrt(self.k))
+        return self._scaled(
+            ("kron-final", layer), self.k, self.kd * self.kd, 1.0 / math.sqrt(self.k)
+        )
 
     def project_io(
         self, layer: str, inputs: torch.Tensor, deltas: torch.Tensor, bias: bool

@@ -48,18 +48,28 @@ SKETCH_VERSION = 1
 class Sketcher:
     """Sketches gradients of one model at its current parameters θ0 with one seeded projection.
 
+    The bundle's module is moved to ``device`` and put in eval mode (and kept there on each
+    call): per-example gradients need examples that do not interact (no dropout, no
+    batch statistics).
+
     >>> sketcher = Sketcher(bundle, config.sketch, seed=7)
     >>> phi = sketcher.sketch_batch({"tokens": tokens})   # float32 [B, k]
     >>> r = sketcher.task_residual(task_batches)          # float32 [k]
     """
 
-    def __init__(self, bundle: ModelBundle, section: SketchSection, seed: int, device: str = "cpu") -> None:
+    def __init__(
+        self, bundle: ModelBundle, section: SketchSection, seed: int, device: str = "cpu"
+    ) -> None:
         if section.projection not in KINDS:
-            raise ConfigError(f"sketch.projection = {section.projection!r}: choose one of {', '.join(KINDS)}")
+            raise ConfigError(
+                f"sketch.projection = {section.projection!r}: choose one of {', '.join(KINDS)}"
+            )
         if section.k <= 0:
             raise ConfigError("sketch.k must be positive")
         if seed < 0:
-            raise ConfigError(f"sketch seed must be >= 0 (resolve -1 from run.seed first), got {seed}")
+            raise ConfigError(
+                f"sketch seed must be >= 0 (resolve -1 from run.seed first), got {seed}"
+            )
         self.bundle = bundle
         self.kind = section.projection
         self.seed = seed
@@ -84,7 +94,9 @@ class Sketcher:
                         "sketch.projection = 'kronecker' found no nn.Linear layer in the model: "
                         "set sketch.params or use projection = 'gaussian'"
                     )
-                self.param_names = [n for s in self.sites for n in (s.weight, s.bias) if n is not None]
+                self.param_names = [
+                    n for s in self.sites for n in (s.weight, s.bias) if n is not None
+                ]
             in_sites = {n for s in self.sites for n in (s.weight, s.bias) if n is not None}
             self.dense_names = [n for n in self.param_names if n not in in_sites]
             self.kronecker = KroneckerProjector(section.kron_dim, section.k, seed, self.device)
@@ -124,7 +136,9 @@ class Sketcher:
             signals = linear_signals(self.bundle, self.sites, batch)
             for site in self.sites:
                 for inputs, deltas in signals[site.module]:
-                    phi += self.kronecker.project_io(site.module, inputs, deltas, site.bias is not None)
+                    phi += self.kronecker.project_io(
+                        site.module, inputs, deltas, site.bias is not None
+                    )
             del signals
         if self.dense_names:
             grads = per_example_gradients(self.bundle, self.dense_names, batch)
@@ -142,7 +156,9 @@ class Sketcher:
         for site in self.sites:
             matrix = gradient[site.weight].to(self.device).float()
             if site.bias is not None:
-                matrix = torch.cat([matrix, gradient[site.bias].to(self.device).float()[:, None]], dim=1)
+                matrix = torch.cat(
+                    [matrix, gradient[site.bias].to(self.device).float()[:, None]], dim=1
+                )
             out += self.kronecker.project_gradient(site.module, matrix)
         for name in self.dense_names:
             out += self.projector.project(name, gradient[name].to(self.device).reshape(1, -1))[0]
@@ -183,6 +199,8 @@ class Sketcher:
             "generator": GENERATOR,
             "scale": "entries of P have variance 1/k; take_prefix rescales a k' prefix by sqrt(k/k')",
             "num_params": int(
-                sum(dict(self.bundle.module.named_parameters())[n].numel() for n in self.param_names)
+                sum(
+                    dict(self.bundle.module.named_parameters())[n].numel() for n in self.param_names
+                )
             ),
         }

@@ -316,7 +316,7 @@ def assign_roles(
 
 
 def read_given(
-    source: Any, ids: np.ndarray, limit: int = 0
+    source: Any, ids: np.ndarray, limit: int = 0, where: str | None = None
 ) -> tuple[np.ndarray, list[str], list[dict[str, Any]]]:
     """Subsets from a pyarrow Table or Parquet path with columns subset_id, id[, role].
 
@@ -324,17 +324,18 @@ def read_given(
     ``[G, N]`` (subsets in increasing subset_id; at most ``limit`` if ``limit > 0``),
     roles, and params ``{"given_subset_id": ...}``. Unknown ids raise ``SubsetInputError``
     naming up to 10 of them; a subset with mixed roles or an unknown role raises too.
+    ``where`` names the source in messages (default: the path, or "given subsets").
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    where = "given subsets"
     if isinstance(source, (str, Path)):
-        where = str(source)
+        where = where or str(source)
         if not Path(source).exists():
             raise SubsetInputError(f"{where}: file not found (set subsets.given to a Parquet file)")
         table = pq.read_table(source)
     elif isinstance(source, pa.Table):
+        where = where or "given subsets"
         table = source
     else:
         raise TypeError(f"expected a pyarrow Table or a path, got {type(source).__name__}")
@@ -397,20 +398,29 @@ def read_given(
 
 def plan_subsets(
     args: Any,
-    n_examples: int,
+    corpus: int | np.ndarray,
     domain_codes: np.ndarray | None,
     domain_names: Sequence[str] | None,
     seed: int,
     ids: np.ndarray | None = None,
-    given: Any = None,
+    given_table: Any = None,
+    given_path: str | Path | None = None,
 ) -> SubsetPlan:
     """All subsets of ``args.designs`` (design -> count), ids 0..M-1 in ``DESIGN_ORDER``.
 
-    ``args``: a ``SubsetsSection`` or ``DesignArgs``. ``domain_codes``: int ``[N]`` indexing
-    ``domain_names`` (``None``: one domain). ``ids``: corpus ids ``[N]`` for the given design
-    (default ``arange(N)``). ``given``: a pyarrow Table overriding ``args.given``; for the
-    given design the count caps how many of its subsets are taken (0 = all).
+    ``args``: a ``SubsetsSection`` or ``DesignArgs``. ``corpus``: N, or the corpus ids
+    ``[N]`` (row i has id ``ids[i]``; the given design maps its ids through them — same as
+    passing ``ids``; default ``arange(N)``). ``domain_codes``: int ``[N]`` indexing
+    ``domain_names`` (``None``: one domain). ``seed``: the design seed (non-negative).
+    Given design: read from ``given_table`` (a pyarrow Table) if set, else from
+    ``given_path`` or ``args.given`` (Parquet); ``given_path`` also names the source in
+    errors. Its count caps how many of the file's subsets are taken (0 = all).
     """
+    if isinstance(corpus, (int, np.integer)):
+        n_examples = int(corpus)
+    else:
+        ids = np.asarray(corpus) if ids is None else ids
+        n_examples = len(corpus)
     unknown = set(args.designs) - set(DESIGN_ORDER)
     if unknown:
         raise ValueError(
@@ -435,13 +445,18 @@ def plan_subsets(
             design.append(name)
             params.append(json.dumps({"k": k, **drawn}, sort_keys=True))
     if "given" in args.designs:
-        source = given if given is not None else args.given
+        path = given_path or getattr(args, "given", "")
+        source = given_table if given_table is not None else path
         if source is None or (isinstance(source, str) and not source):
             raise ValueError(
                 "the 'given' design needs subsets.given (a Parquet file of subset_id, id[, role])"
             )
         corpus_ids = np.arange(n_examples, dtype=np.int64) if ids is None else np.asarray(ids)
-        masks, given_roles, given_params = read_given(source, corpus_ids, counts["given"])
+        if len(corpus_ids) != n_examples:
+            raise ValueError(f"ids has {len(corpus_ids)} entries for a corpus of {n_examples}")
+        masks, given_roles, given_params = read_given(
+            source, corpus_ids, counts["given"], where=str(path) if path else None
+        )
         for mask, role, drawn in zip(masks, given_roles, given_params, strict=True):
             rows.append(pack_membership(mask))
             sizes.append(int(mask.sum()))

@@ -1,0 +1,1 @@
+"""`grasp report`: one HTML page with PNG plots of everything in a run."""

@@ -1,0 +1,469 @@
+"""Fit GRASP and the baselines by the LCB protocol, then evaluate on held-out subsets.
+
+The no-leak rule is structural: every function that fits, cross-validates or
+chooses hyperparameters (``fit_method``, ``fit_methods``) takes the fit-role
+arrays only. Evaluation subsets enter in exactly one place,
+``evaluate_methods``, after every model is frozen. ``run_protocol`` chains the
+two and adds the artifact-cost curve (GRASP rerun, protocol included, on the
+first ``n`` fit subsets).
+
+Rows returned are plain dicts ready for Parquet:
+
+- LCB table: ``method, n_fit, k, geometry, ridge, aggregation, mean, lcb, n, failures,
+  chosen`` (fields a method does not have are None; ``ridge`` may be ``inf``).
+- evaluation: ``method, task, n_fit, spearman, ci_low, ci_high, pearson, n_eval``
+  with ``task == "mean"`` for the average over tasks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from grasp_cli.config import SurrogateSection
+from grasp_cli.surrogate.baselines import (
+    ConstantBaseline,
+    Datamodels,
+    DomainMixture,
+    GradientCosine,
+    TrakBaseline,
+)
+from grasp_cli.surrogate.features import CorpusMoments, SubsetFeatures
+from grasp_cli.surrogate.geometry import GEOMETRY_ORDER
+from grasp_cli.surrogate.lcb import (
+    MIN_FIT_SUBSETS,
+    CandidateScore,
+    Estimator,
+    choose_candidate,
+    repeated_kfold,
+    score_candidates,
+)
+from grasp_cli.surrogate.metrics import bootstrap_correlations, pearson, spearman
+from grasp_cli.surrogate.model import GraspSurrogate, check_utilities
+
+__all__ = [
+    "LCB_COLUMNS",
+    "EVALUATION_COLUMNS",
+    "MethodFit",
+    "MethodSpec",
+    "ProtocolResult",
+    "baseline_specs",
+    "cost_curve",
+    "evaluate_methods",
+    "fit_method",
+    "fit_methods",
+    "grasp_spec",
+    "run_protocol",
+    "split_by_role",
+]
+
+LCB_COLUMNS = ("method", "n_fit", "k", "geometry", "ridge", "aggregation", "mean", "lcb", "n",
+               "failures", "chosen")
+EVALUATION_COLUMNS = ("method", "task", "n_fit", "spearman", "ci_low", "ci_high", "pearson", "n_eval")
+_AGGREGATION_ORDER = {"mean": 0, "sum": 1}
+
+
+@dataclass
+class MethodSpec:
+    """A method and its own finite hyperparameter grid.
+
+    build: candidate dict → unfitted estimator. complexity: candidate → sort key, smaller
+    is simpler (breaks LCB ties).
+    """
+
+    name: str
+    grid: list[dict[str, Any]]
+    build: Callable[[dict[str, Any]], Estimator]
+    complexity: Callable[[dict[str, Any]], tuple]
+
+
+@dataclass
+class MethodFit:
+    """The outcome of the LCB protocol for one method on one set of fit subsets."""
+
+    name: str
+    scores: list[CandidateScore]
+    chosen_index: int
+    model: Estimator
+    n_fit: int
+
+    @property
+    def chosen(self) -> dict[str, Any]:
+        return dict(self.scores[self.chosen_index].candidate)
+
+    def lcb_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for i, score in enumerate(self.scores):
+            cand = score.candidate
+            rows.append(
+                {
+                    "method": self.name,
+                    "n_fit": self.n_fit,
+                    "k": cand.get("k"),
+                    "geometry": cand.get("geometry"),
+                    "ridge": cand.get("ridge"),
+                    "aggregation": cand.get("aggregation"),
+                    "mean": score.mean,
+                    "lcb": score.lcb,
+                    "n": score.n,
+                    "failures": score.failures,
+                    "chosen": i == self.chosen_index,
+                }
+            )
+        return rows
+
+
+@dataclass
+class ProtocolResult:
+    """Everything ``fit-surrogate`` writes: the refit GRASP model, tables, choices."""
+
+    surrogate: GraspSurrogate
+    fits: dict[str, MethodFit]
+    lcb_rows: list[dict[str, Any]]
+    evaluation_rows: list[dict[str, Any]]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> dict[str, dict[str, Any]]:
+        return {name: fit.chosen for name, fit in self.fits.items()}
+
+
+def _seed(seed: int, stream: int) -> int:
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, stream]).generate_state(1)[0])
+
+
+def _valid_dims(k_grid: Sequence[int], k_max: int) -> list[int]:
+    dims = sorted({int(k) for k in k_grid if 0 < int(k) <= k_max})
+    if not dims:
+        raise ValueError(f"surrogate.k_grid {list(k_grid)} has no prefix within the sketch dimension {k_max}")
+    return dims
+
+
+# ------------------------------------------------------------------- method specs
+
+
+def grasp_spec(
+    residuals: np.ndarray,
+    moments: CorpusMoments | None,
+    *,
+    k_grid: Sequence[int],
+    geometry_grid: Sequence[str],
+    ridge_grid: Sequence[float],
+    aggregation_grid: Sequence[str],
+    task_names: Sequence[str] | None = None,
+    quadratic: bool = True,
+    name: str = "grasp",
+) -> MethodSpec:
+    """GRASP's grid ``k' × G × λ × aggregation`` (``quadratic=False``: additive alignment,
+    whose grid drops the geometry)."""
+    residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
+    dims = _valid_dims(k_grid, residuals.shape[1])
+    geometries = list(dict.fromkeys(geometry_grid)) if quadratic else [None]
+    grid = [
+        {"k": k, "geometry": g, "ridge": float(lam), "aggregation": agg}
+        for k, g, lam, agg in itertools.product(
+            dims, geometries, list(dict.fromkeys(ridge_grid)), list(dict.fromkeys(aggregation_grid))
+        )
+    ]
+
+    def build(c: dict[str, Any]) -> GraspSurrogate:
+        return GraspSurrogate(
+            residuals,
+            k_prime=c["k"],
+            geometry=c["geometry"] or "identity",
+            ridge=c["ridge"],
+            aggregation=c["aggregation"],
+            quadratic=quadratic,
+            moments=moments,
+            task_names=task_names,
+        )
+
+    def complexity(c: dict[str, Any]) -> tuple:
+        return (c["k"], GEOMETRY_ORDER.get(c["geometry"] or "identity", 99), -c["ridge"],
+                _AGGREGATION_ORDER[c["aggregation"]])
+
+    return MethodSpec(name, grid, build, complexity)
+
+
+def baseline_specs(
+    residuals: np.ndarray,
+    moments: CorpusMoments,
+    features_fit: SubsetFeatures,
+    settings: SurrogateSection,
+    task_names: Sequence[str] | None = None,
+) -> tuple[list[MethodSpec], dict[str, str]]:
+    """The baselines that the available features allow → (specs, {skipped method: reason})."""
+    residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
+    k_max = min(residuals.shape[1], features_fit.k)
+    dims = _valid_dims(settings.k_grid, k_max)
+    aggregations = list(dict.fromkeys(settings.aggregation_grid))
+    ridges = [float(r) for r in dict.fromkeys(settings.baseline_ridge_grid)]
+    finite_ridges = [r for r in ridges if math.isfinite(r)]
+    specs: list[MethodSpec] = []
+    skipped: dict[str, str] = {}
+
+    specs.append(
+        grasp_spec(residuals, moments, k_grid=dims, geometry_grid=["identity"],
+                   ridge_grid=settings.ridge_grid, aggregation_grid=aggregations,
+                   task_names=task_names, quadratic=False, name="additive")
+    )
+
+    def by_k_ridge_agg(c: dict[str, Any]) -> tuple:
+        return (c.get("k") or 0, -(c.get("ridge") or 0.0), _AGGREGATION_ORDER.get(c.get("aggregation"), 0))
+
+    trak_grid = [{"k": k, "ridge": r, "aggregation": a}
+                 for k, r, a in itertools.product(dims, ridges, aggregations)]
+    specs.append(MethodSpec(
+        "trak", trak_grid,
+        lambda c: TrakBaseline(residuals, moments, k_prime=c["k"], ridge=c["ridge"],
+                               aggregation=c["aggregation"]),
+        by_k_ridge_agg,
+    ))
+
+    cos_dims = [k for k in dims if k in features_fit.normalized_sums]
+    if not cos_dims:
+        cos_dims = [k for k in sorted(features_fit.normalized_sums) if k <= k_max][-1:]
+    if cos_dims:
+        specs.append(MethodSpec(
+            "cosine",
+            [{"k": k, "aggregation": a} for k, a in itertools.product(cos_dims, aggregations)],
+            lambda c: GradientCosine(residuals, k_prime=c["k"], aggregation=c["aggregation"]),
+            by_k_ridge_agg,
+        ))
+    else:
+        skipped["cosine"] = "no normalized sketch sums were computed"
+
+    if features_fit.overlaps is None:
+        skipped["datamodels"] = "subset overlaps were not computed"
+    elif features_fit.n_examples > settings.datamodels_max_n:
+        skipped["datamodels"] = (
+            f"N = {features_fit.n_examples} exceeds surrogate.datamodels_max_n = {settings.datamodels_max_n}"
+        )
+    elif not finite_ridges:
+        skipped["datamodels"] = "surrogate.baseline_ridge_grid has no finite λ"
+    else:
+        specs.append(MethodSpec("datamodels", [{"ridge": r} for r in finite_ridges],
+                                lambda c: Datamodels(ridge=c["ridge"]), by_k_ridge_agg))
+
+    if features_fit.domain_counts is None or features_fit.domain_counts.shape[1] < 2:
+        skipped["mixture"] = "needs domain labels with at least 2 domains"
+    elif not finite_ridges:
+        skipped["mixture"] = "surrogate.baseline_ridge_grid has no finite λ"
+    else:
+        specs.append(MethodSpec("mixture", [{"ridge": r} for r in finite_ridges],
+                                lambda c: DomainMixture(ridge=c["ridge"]), by_k_ridge_agg))
+
+    specs.append(MethodSpec("constant", [{}], lambda c: ConstantBaseline(), lambda c: ()))
+    return specs, skipped
+
+
+# -------------------------------------------------------------- fitting (fit only)
+
+
+def fit_method(
+    spec: MethodSpec,
+    features_fit: SubsetFeatures,
+    utilities_fit: np.ndarray,
+    *,
+    folds: int,
+    repeats: int,
+    delta: float,
+    seed: int,
+) -> MethodFit:
+    """LCB protocol for one method on fit subsets only; refit the winner on all of them."""
+    values = check_utilities(utilities_fit, len(features_fit), "fit utilities")
+    splits = repeated_kfold(len(features_fit), folds, repeats, seed)
+    scores = score_candidates(spec.build, spec.grid, features_fit, values, splits, delta)
+    chosen = choose_candidate(scores, spec.complexity)
+    model = spec.build(scores[chosen].candidate)
+    model.fit(features_fit, values)
+    return MethodFit(spec.name, scores, chosen, model, len(features_fit))
+
+
+def fit_methods(
+    specs: Sequence[MethodSpec],
+    features_fit: SubsetFeatures,
+    utilities_fit: np.ndarray,
+    *,
+    folds: int,
+    repeats: int,
+    delta: float,
+    seed: int,
+    skipped: dict[str, str] | None = None,
+) -> dict[str, MethodFit]:
+    """``fit_method`` for each spec with the same folds (paired comparisons).
+
+    A baseline that cannot be fitted on any fold is recorded in ``skipped``; GRASP
+    (the first spec named 'grasp') failing is an error.
+    """
+    fits: dict[str, MethodFit] = {}
+    for spec in specs:
+        try:
+            fits[spec.name] = fit_method(spec, features_fit, utilities_fit, folds=folds,
+                                         repeats=repeats, delta=delta, seed=seed)
+        except (ValueError, np.linalg.LinAlgError) as exc:
+            if spec.name == "grasp" or skipped is None:
+                raise
+            skipped[spec.name] = f"could not be fitted: {exc}"
+    return fits
+
+
+# ------------------------------------------------------------ evaluation (eval only)
+
+
+def evaluate_methods(
+    models: dict[str, Estimator],
+    features_eval: SubsetFeatures,
+    utilities_eval: np.ndarray,
+    *,
+    task_names: Sequence[str],
+    n_fit: int,
+    n_boot: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Per method and task: Spearman (with a paired bootstrap 95% CI), Pearson, on eval subsets.
+
+    The ``task == "mean"`` row averages the per-task values; its CI is the bootstrap
+    distribution of that average (subsets resampled jointly across tasks). Every method
+    sees the same resamples.
+    """
+    measured = check_utilities(utilities_eval, len(features_eval), "evaluation utilities")
+    if measured.shape[1] != len(task_names):
+        raise ValueError(f"evaluation utilities have {measured.shape[1]} tasks, names {len(task_names)}")
+    rows: list[dict[str, Any]] = []
+    for name, model in models.items():
+        predicted = np.asarray(model.predict(features_eval), dtype=np.float64)
+        if not np.isfinite(predicted).all():
+            raise ValueError(f"method {name!r} predicted non-finite utilities on evaluation subsets")
+        rho = np.atleast_1d(spearman(predicted, measured))
+        lin = np.atleast_1d(pearson(predicted, measured))
+        ci = bootstrap_correlations(predicted, measured, n_boot=n_boot, seed=seed)
+        for t, task in enumerate(task_names):
+            rows.append({"method": name, "task": task, "n_fit": n_fit, "spearman": float(rho[t]),
+                         "ci_low": float(ci["low"][t]), "ci_high": float(ci["high"][t]),
+                         "pearson": float(lin[t]), "n_eval": len(features_eval)})
+        rows.append({"method": name, "task": "mean", "n_fit": n_fit, "spearman": float(rho.mean()),
+                     "ci_low": float(ci["mean_low"]), "ci_high": float(ci["mean_high"]),
+                     "pearson": float(lin.mean()), "n_eval": len(features_eval)})
+    return rows
+
+
+def cost_curve(
+    spec: MethodSpec,
+    features_fit: SubsetFeatures,
+    utilities_fit: np.ndarray,
+    features_eval: SubsetFeatures,
+    utilities_eval: np.ndarray,
+    counts: Sequence[int],
+    *,
+    task_names: Sequence[str],
+    folds: int,
+    repeats: int,
+    delta: float,
+    seed: int,
+    n_boot: int,
+    boot_seed: int | None = None,
+    include_all: bool = True,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rerun the whole protocol on the first ``n`` fit subsets for each ``n`` in ``counts``.
+
+    Counts at or above the number of fit subsets, or below the cross-validation minimum,
+    are skipped; all fit subsets are included when ``include_all``. ``seed`` drives the
+    folds, ``boot_seed`` (default ``seed``) the bootstrap. Returns
+    (evaluation rows with ``n_fit = n``, LCB rows with ``n_fit = n``).
+    """
+    n_total = len(features_fit)
+    ns = sorted({int(n) for n in counts if MIN_FIT_SUBSETS <= int(n) < n_total})
+    if include_all:
+        ns.append(n_total)
+    eval_rows: list[dict[str, Any]] = []
+    lcb_rows: list[dict[str, Any]] = []
+    for n in ns:
+        rows = np.arange(n)
+        fit = fit_method(spec, features_fit.take(rows), np.asarray(utilities_fit)[:n],
+                         folds=folds, repeats=repeats, delta=delta, seed=seed)
+        lcb_rows.extend(fit.lcb_rows())
+        eval_rows.extend(evaluate_methods({spec.name: fit.model}, features_eval, utilities_eval,
+                                          task_names=task_names, n_fit=n, n_boot=n_boot,
+                                          seed=seed if boot_seed is None else boot_seed))
+    return eval_rows, lcb_rows
+
+
+def split_by_role(
+    features: SubsetFeatures, utilities: np.ndarray, roles: Sequence[str]
+) -> tuple[SubsetFeatures, np.ndarray, SubsetFeatures, np.ndarray]:
+    """Split all subsets into (fit features, fit utilities, eval features, eval utilities).
+
+    roles: ``[M]`` of 'fit' / 'eval'. Utilities are not validated here: the fit half is
+    checked when fitting, the eval half when evaluating.
+    """
+    roles = np.asarray(roles).astype(str)
+    unknown = sorted(set(roles.tolist()) - {"fit", "eval"})
+    if unknown:
+        raise ValueError(f"unknown subset roles {unknown}: expected 'fit' or 'eval'")
+    values = np.asarray(utilities, dtype=np.float64)
+    fit_rows = np.flatnonzero(roles == "fit")
+    eval_rows = np.flatnonzero(roles == "eval")
+    return features.take(fit_rows), values[fit_rows], features.take(eval_rows), values[eval_rows]
+
+
+def run_protocol(
+    features_fit: SubsetFeatures,
+    utilities_fit: np.ndarray,
+    features_eval: SubsetFeatures,
+    utilities_eval: np.ndarray,
+    *,
+    residuals: np.ndarray,
+    moments: CorpusMoments,
+    settings: SurrogateSection,
+    seed: int,
+    task_names: Sequence[str],
+    baselines: bool = True,
+) -> ProtocolResult:
+    """The whole ``fit-surrogate`` computation.
+
+    1. GRASP and every baseline choose their hyperparameters by the LCB protocol and are
+       refit — on ``features_fit``/``utilities_fit`` only.
+    2. The frozen models are evaluated on ``features_eval``/``utilities_eval``.
+    3. Artifact-cost curve: GRASP, protocol included, on the first ``n`` fit subsets for
+       ``n`` in ``settings.cost_curve`` (the all-subsets point is the step-2 GRASP row).
+    ``seed`` drives the folds; the bootstrap uses a seed derived from it.
+    """
+    values_fit = check_utilities(utilities_fit, len(features_fit), "fit utilities")
+    task_names = list(task_names)
+    if values_fit.shape[1] != len(task_names):
+        raise ValueError(f"fit utilities have {values_fit.shape[1]} tasks, names {len(task_names)}")
+    fold_seed, boot_seed = _seed(seed, 0), _seed(seed, 1)
+    cv = {"folds": settings.folds, "repeats": settings.repeats, "delta": settings.delta, "seed": fold_seed}
+
+    main_spec = grasp_spec(residuals, moments, k_grid=_valid_dims(settings.k_grid, features_fit.k),
+                           geometry_grid=settings.geometry_grid, ridge_grid=settings.ridge_grid,
+                           aggregation_grid=settings.aggregation_grid, task_names=task_names)
+    specs = [main_spec]
+    skipped: dict[str, str] = {}
+    if baselines:
+        extra, skipped = baseline_specs(residuals, moments, features_fit, settings, task_names)
+        specs.extend(extra)
+    fits = fit_methods(specs, features_fit, values_fit, skipped=skipped, **cv)
+
+    n_fit = len(features_fit)
+    lcb_rows = [row for fit in fits.values() for row in fit.lcb_rows()]
+    evaluation_rows = evaluate_methods({name: fit.model for name, fit in fits.items()},
+                                       features_eval, utilities_eval, task_names=task_names,
+                                       n_fit=n_fit, n_boot=settings.bootstrap, seed=boot_seed)
+    curve_eval, curve_lcb = cost_curve(main_spec, features_fit, values_fit, features_eval,
+                                       utilities_eval, settings.cost_curve, task_names=task_names,
+                                       n_boot=settings.bootstrap, boot_seed=boot_seed,
+                                       include_all=False, **cv)
+    return ProtocolResult(
+        surrogate=fits["grasp"].model,  # type: ignore[arg-type]
+        fits=fits,
+        lcb_rows=lcb_rows + curve_lcb,
+        evaluation_rows=evaluation_rows + curve_eval,
+        skipped=skipped,
+    )
