@@ -133,6 +133,10 @@ class SurrogateSection:
     datamodels_max_n: int = _f(200_000, "Skip datamodels above this corpus size.")
     cost_curve: list[int] = _f([8, 16, 32], "Fit-subset counts for the artifact-cost curve (plus all).")
     bootstrap: int = _f(1000, "Bootstrap resamples for confidence intervals.")
+    bootstrap_refits: int = _f(0, "Refits of the chosen GRASP model on resampled fit subsets (select.robust='bootstrap').")
+    max_excluded_fraction: float = _f(
+        0.1, "Subsets with non-finite utilities are excluded and reported; more than this fraction is an error."
+    )
     seed: int = _f(-1, "Seed for folds and bootstrap (-1 = derived).")
 
 
