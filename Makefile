@@ -11,6 +11,8 @@ TORCH_INDEX ?=
 CONFIG      ?= configs/demo.toml
 RUN         ?= runs/demo
 PYTEST_ARGS ?= -m "not slow"
+# Local parallel shards for the heavy stages (one per core), split as a SLURM array would.
+SHARDS      ?= 2
 
 BIN   := $(VENV)/bin
 GRASP := $(BIN)/grasp
@@ -42,12 +44,12 @@ demo: $(VENV)/.installed
 # The whole pipeline for one config, locally; each stage skips work that is already done.
 pipeline:
 	$(GRASP) prepare --config $(CONFIG) --run $(RUN)
-	$(GRASP) sketch --config $(CONFIG) --run $(RUN)
-	$(GRASP) retrain-subsets --config $(CONFIG) --run $(RUN)
+	scripts/run_shards.sh $(SHARDS) $(GRASP) sketch --config $(CONFIG) --run $(RUN)
+	scripts/run_shards.sh $(SHARDS) $(GRASP) retrain-subsets --config $(CONFIG) --run $(RUN)
 	$(GRASP) fit-surrogate --config $(CONFIG) --run $(RUN)
-	$(GRASP) score --config $(CONFIG) --run $(RUN)
+	scripts/run_shards.sh $(SHARDS) $(GRASP) score --config $(CONFIG) --run $(RUN)
 	$(GRASP) select --config $(CONFIG) --run $(RUN)
-	$(GRASP) retrain-subsets --config $(CONFIG) --run $(RUN) --curation
+	scripts/run_shards.sh $(SHARDS) $(GRASP) retrain-subsets --config $(CONFIG) --run $(RUN) --curation
 	$(GRASP) report --config $(CONFIG) --run $(RUN)
 	@echo "report: $(RUN)/report/index.html"
 
