@@ -28,16 +28,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML recipe (see configs/).")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML recipe (see configs/).")
+]
 RunOpt = Annotated[Path, typer.Option("--run", "-r", help="Run directory holding all artifacts.")]
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a config value: section.key=value (repeatable).")
+    list[str] | None,
+    typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
 ]
-DryOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and artifacts, then exit.")]
+DryOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print the resolved config and artifacts, then exit.")
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Use stale inputs / redo finished work.")]
-ShardOpt = Annotated[int | None, typer.Option("--shard", help="This job's shard index (default: SLURM_ARRAY_TASK_ID).")]
+ShardOpt = Annotated[
+    int | None,
+    typer.Option("--shard", help="This job's shard index (default: SLURM_ARRAY_TASK_ID)."),
+]
 NumShardsOpt = Annotated[
-    int | None, typer.Option("--num-shards", help="Number of shards (default: SLURM_ARRAY_TASK_COUNT).")
+    int | None,
+    typer.Option("--num-shards", help="Number of shards (default: SLURM_ARRAY_TASK_COUNT)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
@@ -53,7 +62,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
     ] = False,
 ) -> None:
     """Predict how a model trained on any subset of a corpus would do on target tasks, and pick the best subset."""
@@ -80,7 +92,10 @@ def _context(
 def _dry_run(ctx: StageContext, stage: str, extra_reads: list[str] | None = None) -> None:
     typer.echo(describe(ctx.config))
     writes = [name for name, (owner, _, _) in ARTIFACTS.items() if owner == stage]
-    reads = sorted({r for name in writes for r in ARTIFACTS[name][2] if r not in writes} | set(extra_reads or []))
+    reads = sorted(
+        {r for name in writes for r in ARTIFACTS[name][2] if r not in writes}
+        | set(extra_reads or [])
+    )
     typer.echo(f"# stage: {stage}   run: {ctx.layout.root}   {ctx.shard}")
     for name in reads:
         typer.echo(f"# reads:  {ctx.layout.path(name)}")
@@ -90,11 +105,18 @@ def _dry_run(ctx: StageContext, stage: str, extra_reads: list[str] | None = None
 
 @app.command()
 def prepare(
-    inputs: Annotated[list[str] | None, typer.Argument(help="Files, folders or globs of .txt/.jsonl/.parquet.")] = None,
-    demo: Annotated[bool, typer.Option("--demo", help="Build the offline demo corpus from Python's own text.")] = False,
-    task: Annotated[list[str] | None, typer.Option("--task", help="A target task: NAME=PATH (repeatable).")] = None,
+    inputs: Annotated[
+        list[str] | None, typer.Argument(help="Files, folders or globs of .txt/.jsonl/.parquet.")
+    ] = None,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Build the offline demo corpus from Python's own text.")
+    ] = False,
+    task: Annotated[
+        list[str] | None, typer.Option("--task", help="A target task: NAME=PATH (repeatable).")
+    ] = None,
     holdout_domains: Annotated[
-        str | None, typer.Option("--holdout-domains", help="Comma-separated domains to hold documents out of.")
+        str | None,
+        typer.Option("--holdout-domains", help="Comma-separated domains to hold documents out of."),
     ] = None,
     config: ConfigOpt = None,
     run: RunOpt = DEFAULT_RUN,
@@ -123,13 +145,17 @@ def prepare(
     summary = run_prepare(ctx.config, ctx.layout)
     typer.echo(
         f"corpus: {summary.corpus_rows} sequences in {len(summary.domains)} domains -> {ctx.layout.corpus}\n"
-        f"tasks:  " + ", ".join(f"{k} ({v})" for k, v in summary.tasks.items()) + f" -> {ctx.layout.tasks}"
+        f"tasks:  "
+        + ", ".join(f"{k} ({v})" for k, v in summary.tasks.items())
+        + f" -> {ctx.layout.tasks}"
     )
 
 
 @app.command()
 def sketch(
-    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="θ0 state dict (weights_only).")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="θ0 state dict (weights_only).")
+    ] = None,
     config: ConfigOpt = None,
     run: RunOpt = DEFAULT_RUN,
     set_: SetOpt = None,
@@ -152,9 +178,14 @@ def sketch(
 
 @app.command("retrain-subsets")
 def retrain_subsets(
-    limit: Annotated[int | None, typer.Option("--limit", help="Train at most this many subsets in this call.")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="Train at most this many subsets in this call.")
+    ] = None,
     curation: Annotated[
-        bool, typer.Option("--curation", help="Train on the selections of `grasp select` (the curation check).")
+        bool,
+        typer.Option(
+            "--curation", help="Train on the selections of `grasp select` (the curation check)."
+        ),
     ] = False,
     config: ConfigOpt = None,
     run: RunOpt = DEFAULT_RUN,
@@ -195,7 +226,8 @@ def fit_surrogate(
 @app.command()
 def score(
     subsets: Annotated[
-        Path | None, typer.Option("--subsets", help="Parquet of (subset_id, id) to score (default: sampled).")
+        Path | None,
+        typer.Option("--subsets", help="Parquet of (subset_id, id) to score (default: sampled)."),
     ] = None,
     config: ConfigOpt = None,
     run: RunOpt = DEFAULT_RUN,
@@ -219,8 +251,12 @@ def score(
 
 @app.command()
 def select(
-    budget: Annotated[float | None, typer.Option("--budget", "-b", help="A count (>= 1) or a fraction of N.")] = None,
-    export: Annotated[Path | None, typer.Option("--export", help="Write the selected corpus here.")] = None,
+    budget: Annotated[
+        float | None, typer.Option("--budget", "-b", help="A count (>= 1) or a fraction of N.")
+    ] = None,
+    export: Annotated[
+        Path | None, typer.Option("--export", help="Write the selected corpus here.")
+    ] = None,
     config: ConfigOpt = None,
     run: RunOpt = DEFAULT_RUN,
     set_: SetOpt = None,
@@ -294,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        typer.echo(f"error: {type(exc).__name__}: {first} (GRASP_DEBUG=1 shows the traceback)", err=True)
+        typer.echo(
+            f"error: {type(exc).__name__}: {first} (GRASP_DEBUG=1 shows the traceback)", err=True
+        )
         return 1
     return 0
 

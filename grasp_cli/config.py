@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from grasp_cli.errors import ConfigError
 
@@ -29,17 +30,23 @@ def _f(default: Any, help: str) -> Any:
 @dataclass
 class RunSection:
     seed: int = _f(0, "Master seed; every other seed is derived from it unless set.")
-    device: str = _f("cpu", "Torch device for sketching and training ('cpu', 'cuda', 'cuda:1', 'auto').")
+    device: str = _f(
+        "cpu", "Torch device for sketching and training ('cpu', 'cuda', 'cuda:1', 'auto')."
+    )
     threads: int = _f(0, "torch.set_num_threads; 0 keeps torch's default.")
 
 
 @dataclass
 class PrepareSection:
-    demo: bool = _f(False, "Build the offline demo corpus from Python's own docs and stdlib sources.")
+    demo: bool = _f(
+        False, "Build the offline demo corpus from Python's own docs and stdlib sources."
+    )
     inputs: list[str] = _f([], "Files, folders or globs of .txt / .jsonl / .parquet documents.")
     tasks: dict[str, str] = _f({}, "Target tasks: name -> file/folder/glob of documents.")
     holdout_domains: list[str] = _f([], "Domains whose held-out documents become target tasks.")
-    holdout_fraction: float = _f(0.25, "Fraction of each holdout domain's documents moved to its task.")
+    holdout_fraction: float = _f(
+        0.25, "Fraction of each holdout domain's documents moved to its task."
+    )
     demo_domains: list[str] = _f(
         [],
         "Demo only: stdlib packages used as domains (empty = the built-in list); 'docs' is pydoc prose.",
@@ -47,7 +54,9 @@ class PrepareSection:
     max_docs_per_domain: int = _f(0, "Cap on documents per domain (0 = no cap).")
     max_seqs_per_domain: int = _f(0, "Cap on corpus sequences per domain (0 = no cap).")
     max_task_seqs: int = _f(0, "Cap on sequences per task (0 = no cap).")
-    seq_len: int = _f(64, "Tokens per training sequence (bytes); each stored row has seq_len+1 tokens.")
+    seq_len: int = _f(
+        64, "Tokens per training sequence (bytes); each stored row has seq_len+1 tokens."
+    )
     shard_rows: int = _f(100_000, "Rows per corpus Parquet shard.")
     row_group_rows: int = _f(8192, "Rows per Parquet row group.")
     image_size: int = _f(0, "Vision: resize images to this square size (0 = keep; all must match).")
@@ -67,7 +76,9 @@ class ModelSection:
 
 @dataclass
 class ReferenceSection:
-    checkpoint: str = _f("", "State dict of θ0 (weights_only); empty = train one on a random slice.")
+    checkpoint: str = _f(
+        "", "State dict of θ0 (weights_only); empty = train one on a random slice."
+    )
     slice_fraction: float = _f(0.5, "Fraction of the corpus the reference model is trained on.")
     steps: int = _f(300, "Optimizer steps for the reference model.")
     batch_size: int = _f(32, "Sequences per step.")
@@ -80,9 +91,13 @@ class ReferenceSection:
 class SketchSection:
     projection: str = _f("kronecker", "'gaussian', 'rademacher', 'sjlt' or 'kronecker'.")
     k: int = _f(256, "Sketch dimension; any prefix k' <= k is itself a sketch.")
-    kron_dim: int = _f(16, "Kronecker: per-side factor dimension (k_in = k_out) for each linear layer.")
+    kron_dim: int = _f(
+        16, "Kronecker: per-side factor dimension (k_in = k_out) for each linear layer."
+    )
     sjlt_nnz: int = _f(4, "SJLT: non-zeros per input coordinate.")
-    params: list[str] = _f([], "Parameter-name globs to sketch (empty = all for dense, all Linear for kronecker).")
+    params: list[str] = _f(
+        [], "Parameter-name globs to sketch (empty = all for dense, all Linear for kronecker)."
+    )
     seed: int = _f(-1, "Projection seed (-1 = derived from run.seed).")
     batch_size: int = _f(64, "Examples per per-example-gradient batch.")
     dtype: str = _f("float32", "Stored sketch dtype: 'float32' or 'float16'.")
@@ -114,7 +129,9 @@ class RetrainSection:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_steps: int = _f(5, "Linear warm-up steps.")
     seed: int = _f(-1, "Training seed shared by all subsets (common random numbers; -1 = derived).")
-    repeat_subsets: int = _f(0, "How many subsets to retrain again with other seeds (noise ceiling).")
+    repeat_subsets: int = _f(
+        0, "How many subsets to retrain again with other seeds (noise ceiling)."
+    )
     repeat_seeds: int = _f(1, "Extra seeds for each repeated subset.")
     parallel_models: int = _f(1, "Models trained at once with torch.func.vmap (1 = one at a time).")
     eval_batch_size: int = _f(256, "Examples per batch when evaluating tasks.")
@@ -123,19 +140,30 @@ class RetrainSection:
 @dataclass
 class SurrogateSection:
     k_grid: list[int] = _f([32, 128], "Sketch prefix dims k' tried by the LCB protocol.")
-    geometry_grid: list[str] = _f(["identity", "diagonal"], "Geometries G: identity, diagonal, whitened.")
-    ridge_grid: list[float] = _f([1.0, float("inf")], "Residual-correction ridge λ (inf = no correction).")
+    geometry_grid: list[str] = _f(
+        ["identity", "diagonal"], "Geometries G: identity, diagonal, whitened."
+    )
+    ridge_grid: list[float] = _f(
+        [1.0, float("inf")], "Residual-correction ridge λ (inf = no correction)."
+    )
     aggregation_grid: list[str] = _f(["mean"], "Subset aggregation: 'mean' and/or 'sum'.")
     folds: int = _f(5, "K in repeated K-fold cross-validation.")
     repeats: int = _f(2, "Repeats of K-fold.")
     delta: float = _f(0.1, "Failure probability of the lower confidence bound.")
-    baseline_ridge_grid: list[float] = _f([1e-3, 1e-1, 10.0], "λ grid (relative) for TRAK/datamodels/mixture.")
+    baseline_ridge_grid: list[float] = _f(
+        [1e-3, 1e-1, 10.0], "λ grid (relative) for TRAK/datamodels/mixture."
+    )
     datamodels_max_n: int = _f(200_000, "Skip datamodels above this corpus size.")
-    cost_curve: list[int] = _f([8, 16, 32], "Fit-subset counts for the artifact-cost curve (plus all).")
+    cost_curve: list[int] = _f(
+        [8, 16, 32], "Fit-subset counts for the artifact-cost curve (plus all)."
+    )
     bootstrap: int = _f(1000, "Bootstrap resamples for confidence intervals.")
-    bootstrap_refits: int = _f(0, "Refits of the chosen GRASP model on resampled fit subsets (select.robust='bootstrap').")
+    bootstrap_refits: int = _f(
+        0, "Refits of the chosen GRASP model on resampled fit subsets (select.robust='bootstrap')."
+    )
     max_excluded_fraction: float = _f(
-        0.1, "Subsets with non-finite utilities are excluded and reported; more than this fraction is an error."
+        0.1,
+        "Subsets with non-finite utilities are excluded and reported; more than this fraction is an error.",
     )
     seed: int = _f(-1, "Seed for folds and bootstrap (-1 = derived).")
 
@@ -150,15 +178,21 @@ class ScoreSection:
 @dataclass
 class SelectSection:
     budget: float = _f(0.25, "Subset size: a count (>= 1) or a fraction of N (< 1).")
-    algorithm: str = _f("auto", "'greedy' (exact lazy greedy), 'stream' (iterated linearization), 'auto'.")
+    algorithm: str = _f(
+        "auto", "'greedy' (exact lazy greedy), 'stream' (iterated linearization), 'auto'."
+    )
     task_weights: dict[str, float] = _f({}, "Weight per task (missing = 1).")
     domain_caps: dict[str, float] = _f({}, "Max share (<= 1) or count (> 1) per domain.")
-    robust: str = _f("none", "'none', 'tasks' (LCB across tasks) or 'bootstrap' (LCB across refits).")
+    robust: str = _f(
+        "none", "'none', 'tasks' (LCB across tasks) or 'bootstrap' (LCB across refits)."
+    )
     robust_kappa: float = _f(1.0, "Robust mode: mean - kappa * std.")
     max_iters: int = _f(20, "Stream: most passes over the sketches.")
     greedy_max_n: int = _f(50_000, "auto: exact greedy up to this N, stream above.")
     block_rows: int = _f(262_144, "Stream: rows read per block.")
-    curation: bool = _f(True, "Write GRASP / random / additive-top-B selections for the curation check.")
+    curation: bool = _f(
+        True, "Write GRASP / random / additive-top-B selections for the curation check."
+    )
 
 
 @dataclass
@@ -339,11 +373,19 @@ def validate(config: GraspConfig) -> None:
         if design not in ("mixture", "uniform", "within", "given"):
             raise ConfigError(f"subsets.designs: unknown design {design!r}")
     if config.model.kind == "plugin" and ":" not in config.model.factory:
-        raise ConfigError("model.factory must be 'package.module:function' when model.kind = 'plugin'")
+        raise ConfigError(
+            "model.factory must be 'package.module:function' when model.kind = 'plugin'"
+        )
     positive = [
-        ("prepare", "seq_len"), ("prepare", "shard_rows"), ("prepare", "row_group_rows"),
-        ("sketch", "k"), ("sketch", "batch_size"), ("sketch", "chunk_rows"),
-        ("retrain", "steps"), ("retrain", "batch_size"), ("retrain", "parallel_models"),
+        ("prepare", "seq_len"),
+        ("prepare", "shard_rows"),
+        ("prepare", "row_group_rows"),
+        ("sketch", "k"),
+        ("sketch", "batch_size"),
+        ("sketch", "chunk_rows"),
+        ("retrain", "steps"),
+        ("retrain", "batch_size"),
+        ("retrain", "parallel_models"),
         ("surrogate", "folds"),
     ]
     for section, key in positive:

@@ -14,7 +14,14 @@ import torch
 
 from grasp_cli.artifacts.atomic import atomic_dir
 from grasp_cli.artifacts.examples import Examples
-from grasp_cli.artifacts.manifest import build_manifest, file_digest, read_manifest, require, staleness, write_manifest
+from grasp_cli.artifacts.manifest import (
+    build_manifest,
+    file_digest,
+    read_manifest,
+    require,
+    staleness,
+    write_manifest,
+)
 from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError
 from grasp_cli.models import DataShape, ModelBundle, build_model
@@ -26,13 +33,17 @@ def data_shape_of(examples: Examples) -> DataShape:
     if "tokens" in examples.fields:
         return DataShape(seq_len=int(examples.fields["tokens"].shape[1] - 1))
     labels = examples.fields["label"]
-    return DataShape(image_shape=tuple(examples.fields["image"].shape[1:]), num_classes=int(labels.max()) + 1)
+    return DataShape(
+        image_shape=tuple(examples.fields["image"].shape[1:]), num_classes=int(labels.max()) + 1
+    )
 
 
 def data_shape_from_manifest(ctx: StageContext) -> DataShape:
     extra = require(ctx.layout, "corpus", ctx.config, force=ctx.force).extra
     if extra.get("kind") == "image":
-        return DataShape(image_shape=tuple(extra["image_shape"]), num_classes=int(extra["num_classes"]))
+        return DataShape(
+            image_shape=tuple(extra["image_shape"]), num_classes=int(extra["num_classes"])
+        )
     return DataShape(seq_len=int(extra["seq_len"]))
 
 
@@ -57,24 +68,39 @@ def load_state_dict(path: str, bundle: ModelBundle) -> dict[str, torch.Tensor]:
     expected = bundle.module.state_dict()
     missing = [k for k in expected if k not in raw]
     unexpected = [k for k in raw if k not in expected]
-    wrong = [f"{k} {tuple(raw[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in raw and raw[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(raw[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in raw and raw[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
-        detail = "; ".join(filter(None, [
-            f"missing {missing[:3]}" if missing else "",
-            f"unexpected {unexpected[:3]}" if unexpected else "",
-            f"shape {wrong[:3]}" if wrong else "",
-        ]))
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    f"missing {missing[:3]}" if missing else "",
+                    f"unexpected {unexpected[:3]}" if unexpected else "",
+                    f"shape {wrong[:3]}" if wrong else "",
+                ],
+            )
+        )
         raise InputError(f"{path}: checkpoint does not fit the configured model ({detail})")
     return {k: raw[k].to(expected[k].dtype) for k in expected}
 
 
-def ensure_reference(ctx: StageContext, corpus: Examples, bundle: ModelBundle) -> dict[str, torch.Tensor]:
+def ensure_reference(
+    ctx: StageContext, corpus: Examples, bundle: ModelBundle
+) -> dict[str, torch.Tensor]:
     """θ0 from RUN/reference if fresh; else from the checkpoint, or trained now; saved with a manifest."""
     folder = ctx.layout.reference
     checkpoint = ctx.config.reference.checkpoint
     existing = read_manifest(folder)
-    if existing is not None and existing.complete and not ctx.force and staleness(ctx.layout, "reference", ctx.config) is None:
+    if (
+        existing is not None
+        and existing.complete
+        and not ctx.force
+        and staleness(ctx.layout, "reference", ctx.config) is None
+    ):
         if not checkpoint or existing.extra.get("checkpoint_digest") == _digest_of(checkpoint):
             return load_state_dict(str(folder / STATE_FILE), bundle)
     extra: dict[str, object] = {}
@@ -89,17 +115,34 @@ def ensure_reference(ctx: StageContext, corpus: Examples, bundle: ModelBundle) -
         size = max(1, int(round(ctx.config.reference.slice_fraction * len(corpus))))
         rows = np.sort(rng.choice(len(corpus), size=size, replace=False))
         result = train(
-            bundle, corpus.to_torch(), rows, TrainRecipe.from_section(ctx.config.reference), seed,
-            init_state=None, progress=ctx.progress, device=ctx.device,
+            bundle,
+            corpus.to_torch(),
+            rows,
+            TrainRecipe.from_section(ctx.config.reference),
+            seed,
+            init_state=None,
+            progress=ctx.progress,
+            device=ctx.device,
         )
         state = {k: v.detach().cpu() for k, v in result.state_dict.items()}
-        extra = {"source": "trained", "slice_rows": size, "final_loss": result.final_loss, "wall_s": result.wall_s}
+        extra = {
+            "source": "trained",
+            "slice_rows": size,
+            "final_loss": result.final_loss,
+            "wall_s": result.wall_s,
+        }
     with atomic_dir(folder) as tmp:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         (tmp / STATE_FILE).write_bytes(buffer.getvalue())
-        manifest = build_manifest(ctx.layout, "reference", ctx.config, seeds={"reference": seed},
-                                  content=file_digest([tmp / STATE_FILE]), extra=extra)
+        manifest = build_manifest(
+            ctx.layout,
+            "reference",
+            ctx.config,
+            seeds={"reference": seed},
+            content=file_digest([tmp / STATE_FILE]),
+            extra=extra,
+        )
         write_manifest(tmp, manifest)
     return state
 

@@ -16,8 +16,12 @@ from grasp_cli.errors import InputError, StaleError, UsageError
 
 def _examples(n: int) -> Examples:
     tokens = np.arange(n * 5, dtype=np.int32).reshape(n, 5) % 256
-    return Examples(np.arange(n), np.array(["a", "b"] * (n // 2), dtype=object),
-                    np.array([f"d{i}" for i in range(n)], dtype=object), {"tokens": tokens})
+    return Examples(
+        np.arange(n),
+        np.array(["a", "b"] * (n // 2), dtype=object),
+        np.array([f"d{i}" for i in range(n)], dtype=object),
+        {"tokens": tokens},
+    )
 
 
 def test_atomic_dir_crash_leaves_nothing_complete(tmp_path):
@@ -47,7 +51,11 @@ def test_atomic_file_crash_keeps_old_version(tmp_path):
 def test_examples_round_trip_and_shards(tmp_path):
     examples = _examples(10)
     paths = write_examples(tmp_path / "c", examples, shard_rows=4, row_group_rows=2)
-    assert [p.name for p in paths] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert [p.name for p in paths] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
     back = read_examples(tmp_path / "c")
     np.testing.assert_array_equal(back.fields["tokens"], examples.fields["tokens"])
     np.testing.assert_array_equal(back.ids, examples.ids)
@@ -79,7 +87,9 @@ def test_stale_detection_by_inputs_and_config(tmp_path):
         require(layout, "sketches", changed)
     assert require(layout, "sketches", changed, force=True)
 
-    write_manifest(tmp_path / "corpus", build_manifest(layout, "corpus", config, content="corpus-v2"))
+    write_manifest(
+        tmp_path / "corpus", build_manifest(layout, "corpus", config, content="corpus-v2")
+    )
     with pytest.raises(StaleError, match="made from an older corpus"):
         require(layout, "reference", config)
 
@@ -90,7 +100,9 @@ def test_missing_and_incomplete_are_errors(tmp_path):
     with pytest.raises(InputError, match="run `grasp sketch` first"):
         require(layout, "sketches", config)
     (tmp_path / "sketches.zarr").mkdir()
-    write_manifest(tmp_path / "sketches.zarr", build_manifest(layout, "sketches", config, complete=False))
+    write_manifest(
+        tmp_path / "sketches.zarr", build_manifest(layout, "sketches", config, complete=False)
+    )
     with pytest.raises(InputError, match="incomplete"):
         require(layout, "sketches", config)
     assert read_manifest(tmp_path / "sketches.zarr").complete is False

@@ -17,7 +17,9 @@ def test_defaults_and_every_shipped_config_load():
 def test_file_then_overrides_win(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[sketch]\nk = 64\nprojection = 'sjlt'\n[surrogate]\nk_grid = [16, 32]\n")
-    config = load_config(path, ["sketch.k=128", "surrogate.ridge_grid=[1.0, inf]", "run.device=auto"])
+    config = load_config(
+        path, ["sketch.k=128", "surrogate.ridge_grid=[1.0, inf]", "run.device=auto"]
+    )
     assert config.sketch.k == 128
     assert config.sketch.projection == "sjlt"
     assert config.surrogate.ridge_grid == [1.0, float("inf")]

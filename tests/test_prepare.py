@@ -11,8 +11,16 @@ from tests.conftest import CODE, ENGLISH
 
 def test_prepare_demo_builds_real_corpus(cli, tmp_path):
     run = tmp_path / "run"
-    code, out, err = cli("prepare", "--demo", "--run", run, "--set", "prepare.max_seqs_per_domain=50",
-                         "--set", "prepare.max_task_seqs=40")
+    code, out, err = cli(
+        "prepare",
+        "--demo",
+        "--run",
+        run,
+        "--set",
+        "prepare.max_seqs_per_domain=50",
+        "--set",
+        "prepare.max_task_seqs=40",
+    )
     assert code == 0, err
     corpus = read_examples(run / "corpus")
     domains = set(corpus.domains.tolist())
@@ -21,7 +29,9 @@ def test_prepare_demo_builds_real_corpus(cli, tmp_path):
     assert len(np.unique(corpus.ids)) == len(corpus)
     prose = corpus.fields["tokens"][corpus.domains == "docs"][0]
     text = bytes(prose[prose < 256].astype(np.uint8)).decode("utf-8", "replace")
-    assert sum(ch.isalpha() or ch == " " for ch in text) > 0.8 * len(text)  # English prose, not code
+    assert sum(ch.isalpha() or ch == " " for ch in text) > 0.8 * len(
+        text
+    )  # English prose, not code
     tasks = read_tasks(run / "tasks")
     assert sorted(tasks) == ["asyncio", "docs", "email", "xml"]
     # document-level split: no task document appears in the corpus
@@ -33,8 +43,16 @@ def test_prepare_demo_builds_real_corpus(cli, tmp_path):
 
 def test_prepare_jsonl_with_holdout(cli, tmp_path, text_corpus):
     run = tmp_path / "run"
-    code, _, err = cli("prepare", text_corpus, "--run", run, "--holdout-domains", "prose,code",
-                       "--set", "prepare.seq_len=32")
+    code, _, err = cli(
+        "prepare",
+        text_corpus,
+        "--run",
+        run,
+        "--holdout-domains",
+        "prose,code",
+        "--set",
+        "prepare.seq_len=32",
+    )
     assert code == 0, err
     corpus = read_examples(run / "corpus")
     assert set(corpus.domains.tolist()) == {"prose", "code", "numbers"}
@@ -49,7 +67,9 @@ def test_prepare_txt_folder_and_parquet_task(cli, tmp_path):
             (tmp_path / "in" / domain / f"{index}.txt").write_text(text * (index + 2))
     pq.write_table(pa.table({"text": [ENGLISH * 3, CODE * 3]}), tmp_path / "target.parquet")
     run = tmp_path / "run"
-    code, _, err = cli("prepare", tmp_path / "in", "--run", run, "--task", f"mine={tmp_path / 'target.parquet'}")
+    code, _, err = cli(
+        "prepare", tmp_path / "in", "--run", run, "--task", f"mine={tmp_path / 'target.parquet'}"
+    )
     assert code == 0, err
     assert set(read_examples(run / "corpus").domains.tolist()) == {"prose", "code"}
     assert list(read_tasks(run / "tasks")) == ["mine"]
@@ -84,9 +104,13 @@ def test_bad_inputs_exit_2_naming_file_and_line(cli, tmp_path):
 
 
 def test_missing_input_and_unknown_holdout(cli, tmp_path, text_corpus):
-    code, _, err = cli("prepare", tmp_path / "nope", "--run", tmp_path / "r", "--holdout-domains", "x")
+    code, _, err = cli(
+        "prepare", tmp_path / "nope", "--run", tmp_path / "r", "--holdout-domains", "x"
+    )
     assert code == 2 and "no input files found" in err
-    code, _, err = cli("prepare", text_corpus, "--run", tmp_path / "r", "--holdout-domains", "poetry")
+    code, _, err = cli(
+        "prepare", text_corpus, "--run", tmp_path / "r", "--holdout-domains", "poetry"
+    )
     assert code == 2 and "no documents in domain 'poetry'" in err
 
 
@@ -102,7 +126,15 @@ def test_version_and_help(cli):
     code, out, _ = cli("--version")
     assert code == 0 and out.startswith("grasp ")
     code, out, _ = cli("--help")
-    for stage in ("prepare", "sketch", "retrain-subsets", "fit-surrogate", "score", "select", "report"):
+    for stage in (
+        "prepare",
+        "sketch",
+        "retrain-subsets",
+        "fit-surrogate",
+        "score",
+        "select",
+        "report",
+    ):
         assert stage in out
 
 

@@ -48,7 +48,10 @@ class Examples:
 
     def take(self, rows: np.ndarray) -> Examples:
         return Examples(
-            self.ids[rows], self.domains[rows], self.docs[rows], {k: v[rows] for k, v in self.fields.items()}
+            self.ids[rows],
+            self.domains[rows],
+            self.docs[rows],
+            {k: v[rows] for k, v in self.fields.items()},
         )
 
     def domain_codes(self) -> tuple[np.ndarray, list[str]]:
@@ -67,18 +70,26 @@ def examples_to_table(examples: Examples) -> pa.Table:
     if "tokens" in examples.fields:
         tokens = np.asarray(examples.fields["tokens"], dtype=np.int32)
         flat = pa.array(tokens.reshape(-1), pa.int32())
-        columns["tokens"] = pa.FixedSizeListArray.from_arrays(flat, tokens.shape[1]).cast(pa.list_(pa.int32()))
+        columns["tokens"] = pa.FixedSizeListArray.from_arrays(flat, tokens.shape[1]).cast(
+            pa.list_(pa.int32())
+        )
     if "image" in examples.fields:
         images = np.ascontiguousarray(examples.fields["image"], dtype=np.uint8)
         row_bytes = int(np.prod(images.shape[1:]))
-        columns["image"] = pa.array([images[i].tobytes() for i in range(len(images))], pa.binary(row_bytes))
-        columns["label"] = pa.array(np.asarray(examples.fields["label"], dtype=np.int64), pa.int64())
+        columns["image"] = pa.array(
+            [images[i].tobytes() for i in range(len(images))], pa.binary(row_bytes)
+        )
+        columns["label"] = pa.array(
+            np.asarray(examples.fields["label"], dtype=np.int64), pa.int64()
+        )
         metadata[IMAGE_SHAPE_KEY] = json.dumps(list(images.shape[1:])).encode()
     table = pa.table(columns)
     return table.replace_schema_metadata(metadata or None)
 
 
-def write_examples(folder: Path, examples: Examples, shard_rows: int, row_group_rows: int) -> list[Path]:
+def write_examples(
+    folder: Path, examples: Examples, shard_rows: int, row_group_rows: int
+) -> list[Path]:
     """Write ``examples`` as ``folder/part-NNNNN.parquet`` shards (each written atomically)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -106,7 +117,9 @@ def _table_to_examples(table: pa.Table, path: Path) -> Examples:
         lengths = np.diff(lists.offsets.to_numpy())
         if len(lengths) and (lengths != lengths[0]).any():
             bad = int(np.argmax(lengths != lengths[0]))
-            raise InputError(f"{path}: row {bad}: tokens has {lengths[bad]} entries, expected {lengths[0]}")
+            raise InputError(
+                f"{path}: row {bad}: tokens has {lengths[bad]} entries, expected {lengths[0]}"
+            )
         width = int(lengths[0]) if len(lengths) else 0
         fields["tokens"] = lists.flatten().to_numpy().astype(np.int32).reshape(len(ids), width)
     elif "image" in table.column_names:
@@ -152,7 +165,9 @@ def read_examples(folder_or_file: Path) -> Examples:
     return examples
 
 
-def iter_example_blocks(folder: Path, start: int, stop: int, block_rows: int) -> Iterator[tuple[int, Examples]]:
+def iter_example_blocks(
+    folder: Path, start: int, stop: int, block_rows: int
+) -> Iterator[tuple[int, Examples]]:
     """Stream rows ``[start, stop)`` of a corpus folder in blocks, reading only the row groups needed.
 
     Yields ``(first_row, examples)``; memory stays bounded by a block and a row group.

@@ -45,7 +45,14 @@ class Manifest:
 
     def compute_fingerprint(self) -> str:
         payload = json.dumps(
-            [self.schema_version, self.artifact, self.config_hash, self.inputs, self.seeds, self.content],
+            [
+                self.schema_version,
+                self.artifact,
+                self.config_hash,
+                self.inputs,
+                self.seeds,
+                self.content,
+            ],
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:20]
@@ -85,7 +92,9 @@ def build_manifest(
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
-    atomic_write_text(Path(folder) / MANIFEST_NAME, json.dumps(asdict(manifest), indent=2, default=str))
+    atomic_write_text(
+        Path(folder) / MANIFEST_NAME, json.dumps(asdict(manifest), indent=2, default=str)
+    )
 
 
 def read_manifest(folder: Path) -> Manifest | None:
@@ -96,7 +105,9 @@ def read_manifest(folder: Path) -> Manifest | None:
         raw = json.loads(path.read_text(encoding="utf-8"))
         return Manifest(**raw)
     except (json.JSONDecodeError, TypeError) as exc:
-        raise InputError(f"{path}: corrupt manifest ({exc}); rerun the stage that made it") from None
+        raise InputError(
+            f"{path}: corrupt manifest ({exc}); rerun the stage that made it"
+        ) from None
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -132,16 +143,25 @@ def staleness(layout: RunLayout, artifact: str, config: GraspConfig) -> str | No
 
 
 def require(
-    layout: RunLayout, artifact: str, config: GraspConfig, *, force: bool = False, check_config: bool = True
+    layout: RunLayout,
+    artifact: str,
+    config: GraspConfig,
+    *,
+    force: bool = False,
+    check_config: bool = True,
 ) -> Manifest:
     """The manifest of a complete, fresh input artifact; otherwise a one-line error for the user."""
     folder = layout.path(artifact)
     stage = ARTIFACTS[artifact][0]
     manifest = read_manifest(folder)
     if manifest is None:
-        raise InputError(f"missing: {folder} does not exist or is incomplete; run `grasp {stage}` first")
+        raise InputError(
+            f"missing: {folder} does not exist or is incomplete; run `grasp {stage}` first"
+        )
     if not manifest.complete:
-        raise InputError(f"incomplete: {folder} has unfinished shards; rerun `grasp {stage}` (see `grasp status`)")
+        raise InputError(
+            f"incomplete: {folder} has unfinished shards; rerun `grasp {stage}` (see `grasp status`)"
+        )
     if manifest.schema_version != SCHEMA_VERSION:
         raise StaleError(
             f"stale: {folder} has schema version {manifest.schema_version}, this grasp reads {SCHEMA_VERSION}"

@@ -34,7 +34,12 @@ def open_sharded(
     """Create ``artifact`` (skeleton + pending manifest) or reuse a matching one; return its manifest."""
     folder = ctx.layout.path(artifact)
     plan = build_manifest(
-        ctx.layout, artifact, ctx.config, seeds=seeds, extra={**(extra or {}), "units": units}, complete=False
+        ctx.layout,
+        artifact,
+        ctx.config,
+        seeds=seeds,
+        extra={**(extra or {}), "units": units},
+        complete=False,
     )
     existing = read_manifest(folder)
     if existing is not None and existing.fingerprint == plan.fingerprint and not ctx.force:
@@ -64,7 +69,9 @@ def open_sharded(
                 shutil.rmtree(tmp, ignore_errors=True)
                 theirs = read_manifest(folder)
                 if theirs is None or theirs.fingerprint != plan.fingerprint:
-                    raise StaleError(f"{folder}: created concurrently with a different plan; rerun") from None
+                    raise StaleError(
+                        f"{folder}: created concurrently with a different plan; rerun"
+                    ) from None
                 return theirs
     finally:
         if tmp.exists():

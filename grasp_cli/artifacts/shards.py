@@ -66,7 +66,12 @@ class UnitMarkers:
         return self._path(unit).is_file()
 
     def mark_done(self, unit: int, **info: object) -> None:
-        info = {"unit": unit, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), **info}
+        info = {
+            "unit": unit,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "pid": os.getpid(),
+            **info,
+        }
         atomic_write_text(self._path(unit), json.dumps(info, default=str))
 
     def done_units(self) -> set[int]:

@@ -42,7 +42,9 @@ def require_columns(table: pa.Table, path: Path, expected: dict[str, str]) -> No
     """Check that ``table`` has each column with a type whose string form starts as expected."""
     for name, type_prefix in expected.items():
         if name not in table.column_names:
-            raise InputError(f"{path}: missing column '{name}' (has: {', '.join(table.column_names)})")
+            raise InputError(
+                f"{path}: missing column '{name}' (has: {', '.join(table.column_names)})"
+            )
         actual = str(table.schema.field(name).type)
         if not actual.startswith(type_prefix):
             raise InputError(f"{path}: column '{name}' has type {actual}, expected {type_prefix}")

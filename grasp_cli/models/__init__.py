@@ -65,7 +65,9 @@ def build_model(section: ModelSection, data: DataShape, seed: int) -> ModelBundl
     torch.manual_seed(seed)
     if section.kind == "transformer":
         if data.seq_len <= 0:
-            raise ConfigError("model.kind = 'transformer' needs a token corpus (prepare a text corpus)")
+            raise ConfigError(
+                "model.kind = 'transformer' needs a token corpus (prepare a text corpus)"
+            )
         if section.d_model % section.n_head:
             raise ConfigError("model.d_model must be divisible by model.n_head")
         shape = TransformerShape(section.n_layer, section.n_head, section.d_model, data.seq_len)
@@ -78,7 +80,11 @@ def build_model(section: ModelSection, data: DataShape, seed: int) -> ModelBundl
         else:
             module = CNN(data.image_shape, data.num_classes, section.channels)
         return ModelBundle(
-            module, image_inputs, classifier_per_example_loss, classifier_per_example_accuracy, "classifier"
+            module,
+            image_inputs,
+            classifier_per_example_loss,
+            classifier_per_example_accuracy,
+            "classifier",
         )
     return _load_plugin(section, data)
 
@@ -89,7 +95,9 @@ def _load_plugin(section: ModelSection, data: DataShape) -> ModelBundle:
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"model.factory = {section.factory!r} cannot be imported: {exc}") from None
+        raise ConfigError(
+            f"model.factory = {section.factory!r} cannot be imported: {exc}"
+        ) from None
     result = factory(dict(section.options), data)
     if isinstance(result, ModelBundle):
         return result

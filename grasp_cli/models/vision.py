@@ -49,10 +49,14 @@ def image_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return (batch["image"],)
 
 
-def classifier_per_example_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def classifier_per_example_loss(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """Cross-entropy of each example, ``[B]`` (nats)."""
     return F.cross_entropy(logits.float(), batch["label"], reduction="none")
 
 
-def classifier_per_example_accuracy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def classifier_per_example_accuracy(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
     return (logits.argmax(-1) == batch["label"]).float()

@@ -7,6 +7,7 @@ bad input raises ``InputError`` with the file (and line) at fault.
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import re
@@ -53,11 +54,15 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            matches = [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix in TEXT_SUFFIXES]
+            matches = [
+                p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix in TEXT_SUFFIXES
+            ]
         elif path.is_file():
             matches = [path]
         else:
-            matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()]
+            matches = [
+                Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()
+            ]
         if not matches:
             raise InputError(f"{pattern}: no input files found")
         for match in matches:
@@ -97,11 +102,15 @@ def read_documents(path: Path) -> Iterator[Document]:
     elif path.suffix == ".parquet":
         table = read_table(path)
         if "text" not in table.column_names:
-            raise InputError(f"{path}: missing column 'text' (has: {', '.join(table.column_names)})")
+            raise InputError(
+                f"{path}: missing column 'text' (has: {', '.join(table.column_names)})"
+            )
         if not pa.types.is_string(table.schema.field("text").type) and not pa.types.is_large_string(
             table.schema.field("text").type
         ):
-            raise InputError(f"{path}: column 'text' has type {table.schema.field('text').type}, expected string")
+            raise InputError(
+                f"{path}: column 'text' has type {table.schema.field('text').type}, expected string"
+            )
         for row, record in enumerate(table.to_pylist()):
             yield _record_document(record, path, f"{path}:row {row}", f"{path.stem}-{row}")
 
@@ -145,7 +154,7 @@ _TOP_LEVEL = re.compile(r"^(?:@.*\n)*(?:async def |def |class )", re.MULTILINE)
 def split_python_source(text: str) -> list[str]:
     """Cut a module at its top-level definitions: each def/class (with its decorators) is a document."""
     cuts = [0] + [match.start() for match in _TOP_LEVEL.finditer(text)] + [len(text)]
-    pieces = [text[start:stop] for start, stop in zip(cuts, cuts[1:])]
+    pieces = [text[start:stop] for start, stop in itertools.pairwise(cuts)]
     return [piece for piece in pieces if piece.strip()]
 
 
@@ -159,9 +168,13 @@ def demo_documents(domains: list[str] | None = None) -> list[Document]:
             try:
                 from pydoc_data.topics import topics
             except ImportError:
-                raise InputError("demo: pydoc_data is not part of this Python installation") from None
+                raise InputError(
+                    "demo: pydoc_data is not part of this Python installation"
+                ) from None
             for name in sorted(topics):
-                documents.append(Document(f"docs/{name}", "docs", topics[name], f"pydoc_data.topics[{name}]"))
+                documents.append(
+                    Document(f"docs/{name}", "docs", topics[name], f"pydoc_data.topics[{name}]")
+                )
             continue
         package = stdlib / domain
         if not package.is_dir():

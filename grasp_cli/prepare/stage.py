@@ -14,7 +14,12 @@ from grasp_cli.artifacts.layout import RunLayout
 from grasp_cli.artifacts.manifest import build_manifest, file_digest, write_manifest
 from grasp_cli.config import GraspConfig
 from grasp_cli.errors import InputError
-from grasp_cli.prepare.documents import Document, default_demo_holdout, demo_documents, load_documents
+from grasp_cli.prepare.documents import (
+    Document,
+    default_demo_holdout,
+    demo_documents,
+    load_documents,
+)
 from grasp_cli.prepare.tokens import byte_sequences
 
 
@@ -38,10 +43,14 @@ def split_holdout(
     for domain in domains:
         pool = by_domain.get(domain)
         if not pool:
-            raise InputError(f"prepare.holdout_domains: no documents in domain {domain!r} "
-                             f"(domains: {', '.join(sorted(by_domain))})")
+            raise InputError(
+                f"prepare.holdout_domains: no documents in domain {domain!r} "
+                f"(domains: {', '.join(sorted(by_domain))})"
+            )
         if len(pool) < 2:
-            raise InputError(f"prepare.holdout_domains: domain {domain!r} has one document; need two to hold one out")
+            raise InputError(
+                f"prepare.holdout_domains: domain {domain!r} has one document; need two to hold one out"
+            )
         count = min(len(pool) - 1, max(1, math.ceil(fraction * len(pool))))
         chosen = rng.choice(len(pool), size=count, replace=False)
         held[domain] = [pool[i] for i in sorted(chosen)]
@@ -50,7 +59,9 @@ def split_holdout(
     return rest, held
 
 
-def tokenize_documents(documents: list[Document], seq_len: int, cap_per_domain: int, seed: int) -> Examples:
+def tokenize_documents(
+    documents: list[Document], seq_len: int, cap_per_domain: int, seed: int
+) -> Examples:
     """Rows of byte tokens for ``documents`` (in order), optionally a seeded sample per domain."""
     rows, domains, docs = [], [], []
     for document in documents:
@@ -71,7 +82,10 @@ def tokenize_documents(documents: list[Document], seq_len: int, cap_per_domain: 
             kept.append(members)
         keep = np.sort(np.concatenate(kept)) if kept else keep
     return Examples(
-        np.arange(len(keep), dtype=np.int64), domains_arr[keep], docs_arr[keep], {"tokens": tokens[keep]}
+        np.arange(len(keep), dtype=np.int64),
+        domains_arr[keep],
+        docs_arr[keep],
+        {"tokens": tokens[keep]},
     )
 
 
@@ -98,19 +112,24 @@ def run_prepare(config: GraspConfig, layout: RunLayout) -> PrepareSummary:
     if len(corpus) == 0:
         raise InputError("prepare: the inputs give no sequences (documents shorter than 16 bytes?)")
     tasks = {
-        name: tokenize_documents(docs, section.seq_len, 0, seed) for name, docs in sorted(held.items())
+        name: tokenize_documents(docs, section.seq_len, 0, seed)
+        for name, docs in sorted(held.items())
     }
     for name, examples in tasks.items():
         if len(examples) == 0:
-            raise InputError(f"prepare: task {name!r} has no sequences (its documents are too short)")
+            raise InputError(
+                f"prepare: task {name!r} has no sequences (its documents are too short)"
+            )
         if section.max_task_seqs > 0 and len(examples) > section.max_task_seqs:
             rng = np.random.default_rng(seed + 1)
             keep = np.sort(rng.choice(len(examples), size=section.max_task_seqs, replace=False))
             tasks[name] = examples.take(keep)
             tasks[name].ids = np.arange(len(keep), dtype=np.int64)
     write_prepared(config, layout, corpus, tasks, seed)
-    counts = dict(zip(*np.unique(corpus.domains.astype(str), return_counts=True)))
-    return PrepareSummary(len(corpus), {k: int(v) for k, v in counts.items()}, {k: len(v) for k, v in tasks.items()})
+    counts = dict(zip(*np.unique(corpus.domains.astype(str), return_counts=True), strict=True))
+    return PrepareSummary(
+        len(corpus), {k: int(v) for k, v in counts.items()}, {k: len(v) for k, v in tasks.items()}
+    )
 
 
 def _cap_documents(documents: list[Document], cap: int, seed: int) -> list[Document]:
@@ -139,17 +158,34 @@ def write_prepared(
         else:
             extra["image_shape"] = list(corpus.fields["image"].shape[1:])
             extra["num_classes"] = int(corpus.fields["label"].max()) + 1
-        write_manifest(folder, build_manifest(layout, "corpus", config, seeds={"prepare": seed},
-                                              content=file_digest(paths), extra=extra))
+        write_manifest(
+            folder,
+            build_manifest(
+                layout,
+                "corpus",
+                config,
+                seeds={"prepare": seed},
+                content=file_digest(paths),
+                extra=extra,
+            ),
+        )
     with atomic_dir(layout.tasks) as folder:
-        from grasp_cli.artifacts.tables import write_table
         from grasp_cli.artifacts.examples import examples_to_table
+        from grasp_cli.artifacts.tables import write_table
 
         paths = []
         for name, examples in tasks.items():
             path = folder / f"{name}.parquet"
             write_table(path, examples_to_table(examples), section.row_group_rows)
             paths.append(path)
-        write_manifest(folder, build_manifest(layout, "tasks", config, seeds={"prepare": seed},
-                                              content=file_digest(paths),
-                                              extra={"tasks": {k: len(v) for k, v in tasks.items()}}))
+        write_manifest(
+            folder,
+            build_manifest(
+                layout,
+                "tasks",
+                config,
+                seeds={"prepare": seed},
+                content=file_digest(paths),
+                extra={"tasks": {k: len(v) for k, v in tasks.items()}},
+            ),
+        )

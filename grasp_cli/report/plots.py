@@ -34,7 +34,9 @@ def method_comparison(rows: list[dict], path: Path, ceiling: float | None) -> No
     colors = ["#c0392b" if n == "grasp" else "#7f8c8d" for n in names]
     ax.bar(names, values, yerr=[np.nan_to_num(low), np.nan_to_num(high)], color=colors, capsize=4)
     if ceiling is not None and np.isfinite(ceiling):
-        ax.axhline(ceiling, color="#2c3e50", ls="--", lw=1, label=f"noise ceiling √ρ = {ceiling:.2f}")
+        ax.axhline(
+            ceiling, color="#2c3e50", ls="--", lw=1, label=f"noise ceiling √ρ = {ceiling:.2f}"
+        )
         ax.legend(loc="lower left", fontsize=8)
     ax.axhline(0, color="black", lw=0.5)
     ax.set_ylabel("Spearman (held-out subsets)")
@@ -45,16 +47,25 @@ def method_comparison(rows: list[dict], path: Path, ceiling: float | None) -> No
     plt.close(fig)
 
 
-def predicted_vs_measured(panels: list[tuple[str, str, np.ndarray, np.ndarray, float]], path: Path) -> None:
+def predicted_vs_measured(
+    panels: list[tuple[str, str, np.ndarray, np.ndarray, float]], path: Path
+) -> None:
     """Scatter per (task, method): predicted utility against measured utility on eval subsets."""
     plt = _pyplot()
     tasks = sorted({p[0] for p in panels})
     methods = sorted({p[1] for p in panels}, key=lambda m: (m != "grasp", m))
-    fig, axes = plt.subplots(len(methods), len(tasks), figsize=(3.1 * len(tasks), 2.8 * len(methods)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(methods), len(tasks), figsize=(3.1 * len(tasks), 2.8 * len(methods)), squeeze=False
+    )
     for task, method, predicted, measured, rho in panels:
         ax = axes[methods.index(method)][tasks.index(task)]
-        ax.scatter(predicted, measured, s=12, alpha=0.8, color="#c0392b" if method == "grasp" else "#34495e")
+        ax.scatter(
+            predicted,
+            measured,
+            s=12,
+            alpha=0.8,
+            color="#c0392b" if method == "grasp" else "#34495e",
+        )
         ax.set_title(f"{task} · {method} (ρ={rho:.2f})", fontsize=9)
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("measured (−loss)", fontsize=8)
@@ -64,16 +75,27 @@ def predicted_vs_measured(panels: list[tuple[str, str, np.ndarray, np.ndarray, f
     plt.close(fig)
 
 
-def cost_curve(points: list[tuple[int, float, float, float]], path: Path, baseline: float | None) -> None:
+def cost_curve(
+    points: list[tuple[int, float, float, float]], path: Path, baseline: float | None
+) -> None:
     """GRASP's held-out Spearman against the number of fit subsets (the artifact cost)."""
     plt = _pyplot()
     points = sorted(points)
     fig, ax = plt.subplots(figsize=(5, 3.2))
     n = [p[0] for p in points]
-    ax.errorbar(n, [p[1] for p in points], yerr=[[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]],
-                marker="o", color="#c0392b", capsize=3, label="grasp")
+    ax.errorbar(
+        n,
+        [p[1] for p in points],
+        yerr=[[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]],
+        marker="o",
+        color="#c0392b",
+        capsize=3,
+        label="grasp",
+    )
     if baseline is not None:
-        ax.axhline(baseline, color="#7f8c8d", ls="--", label="best additive baseline (all fit subsets)")
+        ax.axhline(
+            baseline, color="#7f8c8d", ls="--", label="best additive baseline (all fit subsets)"
+        )
     ax.set_xlabel("fit subsets (retraining runs)")
     ax.set_ylabel("Spearman (held-out)")
     ax.legend(fontsize=8)
@@ -92,8 +114,13 @@ def curation(losses: dict[str, dict[str, float]], path: Path) -> None:
     palette = {"grasp": "#c0392b", "random": "#7f8c8d", "additive": "#2980b9"}
     for index, name in enumerate(selections):
         xs = np.arange(len(tasks)) + index * width
-        ax.bar(xs, [losses[name].get(t, np.nan) for t in tasks], width, label=name,
-               color=palette.get(name, None))
+        ax.bar(
+            xs,
+            [losses[name].get(t, np.nan) for t in tasks],
+            width,
+            label=name,
+            color=palette.get(name, None),
+        )
     ax.set_xticks(np.arange(len(tasks)) + width * (len(selections) - 1) / 2, tasks)
     values = [v for d in losses.values() for v in d.values() if np.isfinite(v)]
     if values:

@@ -25,14 +25,19 @@ def _table_html(rows: list[dict], columns: list[str], digits: int = 3) -> str:
         return html.escape(str(value))
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def evaluation_pivot(evaluation: pa.Table) -> tuple[list[dict], list[str]]:
     """Rows per method (all fit subsets), a column per task with 'ρ [lo, hi]'."""
-    rows = [r for r in evaluation.to_pylist() if r["n_fit"] == max(evaluation.column("n_fit").to_pylist())
-            or r["method"] != "grasp"]
+    rows = [
+        r
+        for r in evaluation.to_pylist()
+        if r["n_fit"] == max(evaluation.column("n_fit").to_pylist()) or r["method"] != "grasp"
+    ]
     full_n = {}
     for r in rows:
         full_n[r["method"]] = max(full_n.get(r["method"], 0), r["n_fit"])
@@ -67,16 +72,20 @@ def run_report(ctx: StageContext) -> str:
         for r in mean_rows:
             if r["method"] not in full or r["n_fit"] > full[r["method"]]["n_fit"]:
                 full[r["method"]] = r
-        sections.append("<h2>Held-out evaluation</h2><p>Spearman correlation between predicted and measured "
-                        "utility (−task loss) across held-out <code>eval</code> subsets that no fitting or "
-                        "tuning step saw; 95 % bootstrap intervals. The mean over tasks is the task-level "
-                        "rank correlation for counterfactual subset fidelity.</p>")
+        sections.append(
+            "<h2>Held-out evaluation</h2><p>Spearman correlation between predicted and measured "
+            "utility (−task loss) across held-out <code>eval</code> subsets that no fitting or "
+            "tuning step saw; 95 % bootstrap intervals. The mean over tasks is the task-level "
+            "rank correlation for counterfactual subset fidelity.</p>"
+        )
         if noise:
             sections.append(
                 f"<p><b>Noise ceiling:</b> seed-to-seed Spearman ρ = {noise.get('mean', float('nan')):.3f} over "
                 f"{noise.get('n_subsets', 0)} subsets retrained with a second seed, so a predictor of the "
                 f"expected utility can reach at most about √ρ = {ceiling:.3f} against one measurement.</p>"
-                if ceiling is not None else "<p>Noise ceiling: not measured (retrain.repeat_subsets = 0).</p>")
+                if ceiling is not None
+                else "<p>Noise ceiling: not measured (retrain.repeat_subsets = 0).</p>"
+            )
         sections.append(_table_html(pivot, columns))
         if have_plots:
             plots.method_comparison(list(full.values()), out / "methods.png", ceiling)
@@ -85,33 +94,65 @@ def run_report(ctx: StageContext) -> str:
         predictions_path = surrogate / "predictions.parquet"
         if have_plots and predictions_path.exists():
             predictions = read_table(predictions_path).to_pylist()
-            best_additive = max((m for m in full if m in ADDITIVE or m.startswith(ADDITIVE)),
-                                key=lambda m: np.nan_to_num(full[m]["spearman"], nan=-2), default=None)
-            best_other = max((m for m in full if m not in ("grasp", "constant")),
-                             key=lambda m: np.nan_to_num(full[m]["spearman"], nan=-2), default=None)
+            best_additive = max(
+                (m for m in full if m in ADDITIVE or m.startswith(ADDITIVE)),
+                key=lambda m: np.nan_to_num(full[m]["spearman"], nan=-2),
+                default=None,
+            )
+            best_other = max(
+                (m for m in full if m not in ("grasp", "constant")),
+                key=lambda m: np.nan_to_num(full[m]["spearman"], nan=-2),
+                default=None,
+            )
             shown = [m for m in dict.fromkeys(["grasp", best_other, best_additive]) if m]
             panels = []
-            per_task = {(r["method"], r["task"]): r["spearman"] for r in evaluation.to_pylist()
-                        if r["n_fit"] == full.get(r["method"], {}).get("n_fit")}
+            per_task = {
+                (r["method"], r["task"]): r["spearman"]
+                for r in evaluation.to_pylist()
+                if r["n_fit"] == full.get(r["method"], {}).get("n_fit")
+            }
             for method in shown:
                 for task in sorted({p["task"] for p in predictions}):
-                    chosen = [p for p in predictions if p["method"] == method and p["task"] == task
-                              and p["role"] == "eval"]
+                    chosen = [
+                        p
+                        for p in predictions
+                        if p["method"] == method and p["task"] == task and p["role"] == "eval"
+                    ]
                     if chosen:
-                        panels.append((task, method, np.array([p["predicted"] for p in chosen]),
-                                       np.array([p["measured"] for p in chosen]),
-                                       per_task.get((method, task), float("nan"))))
+                        panels.append(
+                            (
+                                task,
+                                method,
+                                np.array([p["predicted"] for p in chosen]),
+                                np.array([p["measured"] for p in chosen]),
+                                per_task.get((method, task), float("nan")),
+                            )
+                        )
             if panels:
                 plots.predicted_vs_measured(panels, out / "scatter.png")
-                sections.append("<h3>Predicted against measured (eval subsets)</h3>"
-                                '<img src="scatter.png" alt="predicted vs measured">')
+                sections.append(
+                    "<h3>Predicted against measured (eval subsets)</h3>"
+                    '<img src="scatter.png" alt="predicted vs measured">'
+                )
 
-        grasp_curve = [(r["n_fit"], r["spearman"], r["ci_low"], r["ci_high"]) for r in mean_rows
-                       if r["method"] == "grasp"]
-        sections.append("<h2>Artifact cost</h2><p>GRASP's held-out fidelity against the number of "
-                        "retraining runs it was fitted on (the LCB protocol rerun on each prefix).</p>")
-        sections.append(_table_html([{"n_fit": p[0], "spearman": p[1], "ci_low": p[2], "ci_high": p[3]}
-                                     for p in sorted(grasp_curve)], ["n_fit", "spearman", "ci_low", "ci_high"]))
+        grasp_curve = [
+            (r["n_fit"], r["spearman"], r["ci_low"], r["ci_high"])
+            for r in mean_rows
+            if r["method"] == "grasp"
+        ]
+        sections.append(
+            "<h2>Artifact cost</h2><p>GRASP's held-out fidelity against the number of "
+            "retraining runs it was fitted on (the LCB protocol rerun on each prefix).</p>"
+        )
+        sections.append(
+            _table_html(
+                [
+                    {"n_fit": p[0], "spearman": p[1], "ci_low": p[2], "ci_high": p[3]}
+                    for p in sorted(grasp_curve)
+                ],
+                ["n_fit", "spearman", "ci_low", "ci_high"],
+            )
+        )
         if have_plots and grasp_curve:
             additive = [full[m]["spearman"] for m in full if m.startswith(ADDITIVE)]
             plots.cost_curve(grasp_curve, out / "cost.png", max(additive) if additive else None)
@@ -119,16 +160,28 @@ def run_report(ctx: StageContext) -> str:
 
         lcb_rows = sorted(lcb.to_pylist(), key=lambda r: (r.get("method", ""), -r["lcb"]))
         lcb_columns = [c for c in lcb.column_names if c not in ("values",)]
-        sections.append("<h2>Strictly finite LCB protocol</h2><p>Every candidate, scored by repeated K-fold "
-                        "cross-validation on fit subsets only; the highest lower confidence bound wins.</p>")
+        sections.append(
+            "<h2>Strictly finite LCB protocol</h2><p>Every candidate, scored by repeated K-fold "
+            "cross-validation on fit subsets only; the highest lower confidence bound wins.</p>"
+        )
         sections.append(_table_html(lcb_rows, lcb_columns))
 
         sections.append(_selection_section(ctx, out, have_plots))
         manifest = read_manifest(layout.corpus)
-        header = (f"<p>Run <code>{html.escape(str(layout.root))}</code> · corpus {manifest.extra.get('rows')} "
-                  f"rows · generated by grasp {manifest.package_version}</p>" if manifest else "")
-        page = _PAGE.format(body=header + "\n".join(sections), params=html.escape(json.dumps(
-            {k: v for k, v in params.items() if k != "tasks"}, indent=2, default=str)[:20000]))
+        header = (
+            f"<p>Run <code>{html.escape(str(layout.root))}</code> · corpus {manifest.extra.get('rows')} "
+            f"rows · generated by grasp {manifest.package_version}</p>"
+            if manifest
+            else ""
+        )
+        page = _PAGE.format(
+            body=header + "\n".join(sections),
+            params=html.escape(
+                json.dumps(
+                    {k: v for k, v in params.items() if k != "tasks"}, indent=2, default=str
+                )[:20000]
+            ),
+        )
         (out / "index.html").write_text(page, encoding="utf-8")
         write_manifest(out, build_manifest(layout, "report", ctx.config))
     return f"report: {layout.report / 'index.html'}"
@@ -142,8 +195,11 @@ def _selection_section(ctx: StageContext, out: Path, have_plots: bool) -> str:
         selected = read_table(selected_path)
         domains = selected.column("domain").to_pylist()
         counts = {d: domains.count(d) for d in sorted(set(domains))}
-        parts.append(f"<h2>Selection</h2><p>{len(domains)} examples selected. Domain mix: "
-                     + ", ".join(f"{html.escape(d)} {c}" for d, c in counts.items()) + "</p>")
+        parts.append(
+            f"<h2>Selection</h2><p>{len(domains)} examples selected. Domain mix: "
+            + ", ".join(f"{html.escape(d)} {c}" for d, c in counts.items())
+            + "</p>"
+        )
     curation = read_manifest(layout.curation)
     if curation is not None and curation.complete:
         from grasp_cli.retrain.stage import read_results
@@ -154,11 +210,19 @@ def _selection_section(ctx: StageContext, out: Path, have_plots: bool) -> str:
             losses.setdefault(r["role"], {}).setdefault(r["task"], []).append(r["value"])
         mean_losses = {s: {t: float(np.mean(v)) for t, v in d.items()} for s, d in losses.items()}
         tasks = sorted({t for d in mean_losses.values() for t in d})
-        table = [{"selection": s, **{t: mean_losses[s].get(t, float("nan")) for t in tasks},
-                  "mean": float(np.mean(list(mean_losses[s].values())))} for s in sorted(mean_losses)]
+        table = [
+            {
+                "selection": s,
+                **{t: mean_losses[s].get(t, float("nan")) for t in tasks},
+                "mean": float(np.mean(list(mean_losses[s].values()))),
+            }
+            for s in sorted(mean_losses)
+        ]
         seeds = len({r["seed"] for r in rows})
-        parts.append(f"<h2>Curation check</h2><p>Measured task loss (lower is better) after training with the "
-                     f"retrain recipe on each selection of the same size; mean over {seeds} seed(s).</p>")
+        parts.append(
+            f"<h2>Curation check</h2><p>Measured task loss (lower is better) after training with the "
+            f"retrain recipe on each selection of the same size; mean over {seeds} seed(s).</p>"
+        )
         parts.append(_table_html(table, ["selection", *tasks, "mean"], digits=4))
         if have_plots:
             plots.curation(mean_losses, out / "curation.png")

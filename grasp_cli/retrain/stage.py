@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from grasp_cli.artifacts.examples import Examples, read_examples, read_tasks
 from grasp_cli.artifacts.manifest import require
-from grasp_cli.artifacts.shards import UnitMarkers, owned_units
 from grasp_cli.artifacts.sharded import finish_if_complete, open_sharded
+from grasp_cli.artifacts.shards import UnitMarkers, owned_units
 from grasp_cli.artifacts.tables import read_table, write_table
 from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError
@@ -68,14 +68,27 @@ def ensure_subsets(ctx: StageContext, corpus: Examples) -> zarr.Group:
         if not section.given:
             raise InputError("subsets.designs has 'given' but subsets.given names no file")
         given = read_table(Path(section.given))
-    plan = plan_subsets(section, corpus.ids, codes, names, subsets_seed(ctx), given_table=given,
-                        given_path=section.given)
+    plan = plan_subsets(
+        section,
+        corpus.ids,
+        codes,
+        names,
+        subsets_seed(ctx),
+        given_table=given,
+        given_path=section.given,
+    )
 
     def skeleton(folder: Path) -> None:
         write_subsets_group(folder, plan, len(corpus), names)
 
-    manifest = open_sharded(ctx, "subsets", skeleton, units=0, seeds={"subsets": subsets_seed(ctx)},
-                            extra={"m": len(plan.sizes), "n": len(corpus)})
+    manifest = open_sharded(
+        ctx,
+        "subsets",
+        skeleton,
+        units=0,
+        seeds={"subsets": subsets_seed(ctx)},
+        extra={"m": len(plan.sizes), "n": len(corpus)},
+    )
     finish_if_complete(ctx.layout.subsets, manifest)
     return zarr.open_group(str(ctx.layout.subsets), mode="r")
 
@@ -83,13 +96,19 @@ def ensure_subsets(ctx: StageContext, corpus: Examples) -> zarr.Group:
 def write_subsets_group(folder: Path, plan, n_rows: int, domain_names: list[str]) -> None:
     group = zarr.open_group(str(folder), mode="w")
     membership = np.asarray(plan.membership, dtype=np.uint8)
-    group.create_array("membership", shape=membership.shape, chunks=(min(256, max(1, membership.shape[0])),
-                       membership.shape[1]), dtype="uint8")[:] = membership
+    group.create_array(
+        "membership",
+        shape=membership.shape,
+        chunks=(min(256, max(1, membership.shape[0])), membership.shape[1]),
+        dtype="uint8",
+    )[:] = membership
     group.create_array("size", shape=(len(plan.sizes),), dtype="int64")[:] = np.asarray(plan.sizes)
     for name in ("role", "design", "params"):
         values = np.array([str(v) for v in getattr(plan, name if name != "role" else "roles")])
         group.create_array(name, shape=(len(values),), dtype=str)[:] = values
-    group.attrs.update({"n": n_rows, "m": len(plan.sizes), "domains": domain_names, "bitorder": "big"})
+    group.attrs.update(
+        {"n": n_rows, "m": len(plan.sizes), "domains": domain_names, "bitorder": "big"}
+    )
 
 
 def subset_rows(group: zarr.Group, subset_id: int, n_rows: int) -> np.ndarray:
@@ -105,21 +124,32 @@ def run_retrain(ctx: StageContext, limit: int | None = None) -> str:
     corpus = read_examples(layout.corpus)
     group = ensure_subsets(ctx, corpus)
     roles = [str(r) for r in group["role"][:]]
-    jobs = plan_jobs(roles, config.retrain.repeat_subsets, config.retrain.repeat_seeds, base_seed(ctx))
+    jobs = plan_jobs(
+        roles, config.retrain.repeat_subsets, config.retrain.repeat_seeds, base_seed(ctx)
+    )
     rows_of = lambda job: subset_rows(group, job.subset_id, len(corpus))  # noqa: E731
     return train_jobs(ctx, "retrain", jobs, rows_of, corpus, limit)
 
 
-def train_jobs(ctx: StageContext, artifact: str, jobs: list[Job], rows_of, corpus: Examples,
-               limit: int | None) -> str:
+def train_jobs(
+    ctx: StageContext, artifact: str, jobs: list[Job], rows_of, corpus: Examples, limit: int | None
+) -> str:
     """Train every owned, unfinished job; write one Parquet part per job; finish the artifact."""
     ctx.apply_threads()
     layout, config = ctx.layout, ctx.config
     tasks = read_tasks(layout.tasks)
     bundle = new_bundle(ctx, data_shape_of(corpus))
-    init_state = ensure_reference(ctx, corpus, bundle) if config.retrain.init == "reference" else None
-    manifest = open_sharded(ctx, artifact, lambda folder: None, units=len(jobs),
-                            seeds={"retrain": base_seed(ctx)}, extra={"jobs": len(jobs)})
+    init_state = (
+        ensure_reference(ctx, corpus, bundle) if config.retrain.init == "reference" else None
+    )
+    manifest = open_sharded(
+        ctx,
+        artifact,
+        lambda folder: None,
+        units=len(jobs),
+        seeds={"retrain": base_seed(ctx)},
+        extra={"jobs": len(jobs)},
+    )
     folder = layout.path(artifact)
     markers = UnitMarkers(folder)
     todo = [u for u in owned_units(len(jobs), ctx.shard) if ctx.force or not markers.is_done(u)]
@@ -132,49 +162,98 @@ def train_jobs(ctx: StageContext, artifact: str, jobs: list[Job], rows_of, corpu
     data = corpus.to_torch()
     task_data = {name: examples.to_torch() for name, examples in tasks.items()}
     width = max(1, config.retrain.parallel_models)
-    bar = tqdm(total=len(todo), unit="run", desc=f"{artifact} {ctx.shard}", disable=not ctx.progress)
+    bar = tqdm(
+        total=len(todo), unit="run", desc=f"{artifact} {ctx.shard}", disable=not ctx.progress
+    )
     started = time.perf_counter()
     for first in range(0, len(todo), width):
         group_units = todo[first : first + width]
         group_jobs = [jobs[u] for u in group_units]
         indices = [rows_of(job) for job in group_jobs]
-        for job, rows in zip(group_jobs, indices):
+        for job, rows in zip(group_jobs, indices, strict=True):
             if len(rows) == 0:
                 raise InputError(f"subset {job.subset_id} is empty; check the [subsets] design")
         t0 = time.perf_counter()
         if len(group_jobs) == 1:
-            results = [train(bundle, data, indices[0], recipe, group_jobs[0].seed, init_state=init_state,
-                             device=ctx.device)]
+            results = [
+                train(
+                    bundle,
+                    data,
+                    indices[0],
+                    recipe,
+                    group_jobs[0].seed,
+                    init_state=init_state,
+                    device=ctx.device,
+                )
+            ]
         else:
-            results = train_many(bundle, data, indices, recipe, [j.seed for j in group_jobs],
-                                 init_state=init_state, device=ctx.device)
+            results = train_many(
+                bundle,
+                data,
+                indices,
+                recipe,
+                [j.seed for j in group_jobs],
+                init_state=init_state,
+                device=ctx.device,
+            )
         wall = (time.perf_counter() - t0) / len(group_jobs)
-        for unit, job, result in zip(group_units, group_jobs, results):
-            metrics = evaluate_tasks(bundle, result.state_dict, task_data, config.retrain.eval_batch_size,
-                                     device=ctx.device)
-            write_table(folder / f"part-{unit:06d}.parquet", _result_table(job, metrics, recipe.steps, wall))
+        for unit, job, result in zip(group_units, group_jobs, results, strict=True):
+            metrics = evaluate_tasks(
+                bundle,
+                result.state_dict,
+                task_data,
+                config.retrain.eval_batch_size,
+                device=ctx.device,
+            )
+            write_table(
+                folder / f"part-{unit:06d}.parquet", _result_table(job, metrics, recipe.steps, wall)
+            )
             markers.mark_done(unit, subset_id=job.subset_id, seed=job.seed)
         bar.update(len(group_jobs))
     bar.close()
     elapsed = time.perf_counter() - started
     complete = finish_if_complete(folder, manifest)
     left = len(markers.missing(len(jobs)))
-    rate = f"{len(todo) / elapsed * 3600:.0f} runs/hour" if todo and elapsed > 0 else "nothing to do"
+    rate = (
+        f"{len(todo) / elapsed * 3600:.0f} runs/hour" if todo and elapsed > 0 else "nothing to do"
+    )
     return f"{artifact}: trained {len(todo)} runs in {elapsed:.1f}s ({rate}); " + (
         f"{folder} complete" if complete else f"{left} of {len(jobs)} runs left"
     )
 
 
-def _result_table(job: Job, metrics: dict[str, dict[str, float]], steps: int, wall_s: float) -> pa.Table:
+def _result_table(
+    job: Job, metrics: dict[str, dict[str, float]], steps: int, wall_s: float
+) -> pa.Table:
     rows = [
-        {"subset_id": job.subset_id, "role": job.label, "task": task, "metric": metric, "value": float(value),
-         "seed": job.seed, "steps": steps, "wall_s": wall_s}
-        for task, values in sorted(metrics.items()) for metric, value in sorted(values.items())
+        {
+            "subset_id": job.subset_id,
+            "role": job.label,
+            "task": task,
+            "metric": metric,
+            "value": float(value),
+            "seed": job.seed,
+            "steps": steps,
+            "wall_s": wall_s,
+        }
+        for task, values in sorted(metrics.items())
+        for metric, value in sorted(values.items())
     ]
-    return pa.Table.from_pylist(rows, schema=pa.schema([
-        ("subset_id", pa.int64()), ("role", pa.string()), ("task", pa.string()), ("metric", pa.string()),
-        ("value", pa.float64()), ("seed", pa.int64()), ("steps", pa.int64()), ("wall_s", pa.float64()),
-    ]))
+    return pa.Table.from_pylist(
+        rows,
+        schema=pa.schema(
+            [
+                ("subset_id", pa.int64()),
+                ("role", pa.string()),
+                ("task", pa.string()),
+                ("metric", pa.string()),
+                ("value", pa.float64()),
+                ("seed", pa.int64()),
+                ("steps", pa.int64()),
+                ("wall_s", pa.float64()),
+            ]
+        ),
+    )
 
 
 def read_results(folder: Path) -> pa.Table:
@@ -194,7 +273,9 @@ def run_curation(ctx: StageContext, limit: int | None = None) -> str:
     names = sorted(set(table.column("selection").to_pylist()))
     position = {int(i): row for row, i in enumerate(corpus.ids)}
     members = {name: [] for name in names}
-    for name, example_id in zip(table.column("selection").to_pylist(), table.column("id").to_pylist()):
+    for name, example_id in zip(
+        table.column("selection").to_pylist(), table.column("id").to_pylist(), strict=True
+    ):
         members[name].append(position[int(example_id)])
     seeds = [base_seed(ctx) + extra for extra in range(1 + config.retrain.repeat_seeds)]
     jobs = [Job(index, seed, name) for seed in seeds for index, name in enumerate(names)]

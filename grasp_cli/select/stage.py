@@ -35,20 +35,38 @@ def build_objective(stored: StoredSurrogate, ctx: StageContext, budget: int):
     model = stored.model
     unknown = sorted(set(section.task_weights) - set(model.task_names))
     if unknown:
-        raise InputError(f"select.task_weights names unknown task(s) {unknown}; tasks: {model.task_names}")
+        raise InputError(
+            f"select.task_weights names unknown task(s) {unknown}; tasks: {model.task_names}"
+        )
     weights = np.array([section.task_weights.get(name, 1.0) for name in model.task_names])
     sigma = np.where(stored.utility_std > 0, stored.utility_std, 1.0)
     scale = aggregation_scale(model.aggregation, budget, sum_scale=1.0 / float(model.n_ref_))
     if section.robust == "bootstrap":
         if stored.bootstrap is None:
-            raise InputError("select.robust = 'bootstrap' needs bootstrap refits; refit with surrogate.bootstrap_refits > 0")
+            raise InputError(
+                "select.robust = 'bootstrap' needs bootstrap refits; refit with surrogate.bootstrap_refits > 0"
+            )
         boot = stored.bootstrap
-        refits = [(boot["linear"][r], boot["curvature"][r][:, None, None] * model.metric_[None], boot["intercepts"][r])
-                  for r in range(boot["linear"].shape[0])]
+        refits = [
+            (
+                boot["linear"][r],
+                boot["curvature"][r][:, None, None] * model.metric_[None],
+                boot["intercepts"][r],
+            )
+            for r in range(boot["linear"].shape[0])
+        ]
         return objective_from_bootstrap(refits, scale, weights, sigma, section.robust_kappa)
     quadratic = np.stack([model.quadratic_matrix(t) for t in range(model.n_tasks)])
-    return objective_from_tasks(model.linear_vectors, quadratic, model.intercepts_, scale, weights, sigma,
-                                robust=section.robust, kappa=section.robust_kappa)
+    return objective_from_tasks(
+        model.linear_vectors,
+        quadratic,
+        model.intercepts_,
+        scale,
+        weights,
+        sigma,
+        robust=section.robust,
+        kappa=section.robust_kappa,
+    )
 
 
 def run_select(ctx: StageContext, export=None) -> str:
@@ -60,48 +78,94 @@ def run_select(ctx: StageContext, export=None) -> str:
     ids = np.asarray(zarr.open_group(str(layout.sketches), mode="r")["train_ids"][:])
     corpus = read_examples(layout.corpus)
     if len(corpus) != phi.shape[0] or not np.array_equal(corpus.ids, ids):
-        raise InputError(f"{layout.sketches}: sketch ids do not match {layout.corpus}; rerun `grasp sketch`")
+        raise InputError(
+            f"{layout.sketches}: sketch ids do not match {layout.corpus}; rerun `grasp sketch`"
+        )
     budget = budget_count(section.budget, len(ids))
     codes, names = corpus.domain_codes()
     caps = domain_caps(section.domain_caps, names, budget) if section.domain_caps else None
     objective = build_objective(stored, ctx, budget)
-    selection = select(phi, objective, budget, section.algorithm, codes, caps, section.greedy_max_n,
-                       section.max_iters, section.block_rows, ctx.progress)
+    selection = select(
+        phi,
+        objective,
+        budget,
+        section.algorithm,
+        codes,
+        caps,
+        section.greedy_max_n,
+        section.max_iters,
+        section.block_rows,
+        ctx.progress,
+    )
     rows = np.asarray(selection.indices)
     with atomic_dir(layout.selection) as folder:
-        table = pa.table({
-            "id": pa.array(ids[rows], pa.int64()),
-            "rank": pa.array(np.arange(1, len(rows) + 1), pa.int64()),
-            "gain": pa.array(np.asarray(selection.gains, dtype=np.float64)),
-            "domain": pa.array([names[c] for c in codes[rows]], pa.string()),
-        })
+        table = pa.table(
+            {
+                "id": pa.array(ids[rows], pa.int64()),
+                "rank": pa.array(np.arange(1, len(rows) + 1), pa.int64()),
+                "gain": pa.array(np.asarray(selection.gains, dtype=np.float64)),
+                "domain": pa.array([names[c] for c in codes[rows]], pa.string()),
+            }
+        )
         write_table(folder / "selected.parquet", table)
-        extra = {"budget": budget, "algorithm": selection.algorithm, "passes": selection.passes,
-                 "converged": bool(selection.converged), "objective": float(selection.value),
-                 "history": list(selection.history)[:100]}
+        extra = {
+            "budget": budget,
+            "algorithm": selection.algorithm,
+            "passes": selection.passes,
+            "converged": bool(selection.converged),
+            "objective": float(selection.value),
+            "history": list(selection.history)[:100],
+        }
         if section.curation:
             additive = additive_top_b(phi, objective, budget, codes, caps, progress=False)
             seed = ctx.config.derived_seed(-1, "curation-random")
-            random_rows = np.sort(np.random.default_rng(seed).choice(len(ids), size=budget, replace=False))
-            chosen = {"grasp": rows, "random": random_rows, "additive": np.asarray(additive.indices)}
-            write_table(folder / "curation.parquet", pa.table({
-                "selection": pa.array([n for n, r in chosen.items() for _ in r], pa.string()),
-                "id": pa.array(np.concatenate([ids[r] for r in chosen.values()]), pa.int64()),
-            }))
+            random_rows = np.sort(
+                np.random.default_rng(seed).choice(len(ids), size=budget, replace=False)
+            )
+            chosen = {
+                "grasp": rows,
+                "random": random_rows,
+                "additive": np.asarray(additive.indices),
+            }
+            write_table(
+                folder / "curation.parquet",
+                pa.table(
+                    {
+                        "selection": pa.array(
+                            [n for n, r in chosen.items() for _ in r], pa.string()
+                        ),
+                        "id": pa.array(
+                            np.concatenate([ids[r] for r in chosen.values()]), pa.int64()
+                        ),
+                    }
+                ),
+            )
             extra["additive_objective"] = float(additive.value)
-            extra["random_objective"] = float(objective.value(objective_sum(phi, random_rows, objective.dim)))
+            extra["random_objective"] = float(
+                objective.value(objective_sum(phi, random_rows, objective.dim))
+            )
         write_manifest(folder, build_manifest(layout, "selection", ctx.config, extra=extra))
-    message = (f"select: {budget} of {len(ids)} examples by {selection.algorithm} "
-               f"({selection.passes} passes, converged={selection.converged}), F = {selection.value:.4g}")
+    message = (
+        f"select: {budget} of {len(ids)} examples by {selection.algorithm} "
+        f"({selection.passes} passes, converged={selection.converged}), F = {selection.value:.4g}"
+    )
     if export is not None:
         with atomic_dir(export) as folder:
-            write_examples(folder, corpus.take(np.sort(rows)), ctx.config.prepare.shard_rows,
-                           ctx.config.prepare.row_group_rows)
+            write_examples(
+                folder,
+                corpus.take(np.sort(rows)),
+                ctx.config.prepare.shard_rows,
+                ctx.config.prepare.row_group_rows,
+            )
         message += f"; exported to {export}"
     return message + f" -> {layout.selection / 'selected.parquet'}"
 
 
 def objective_sum(phi, rows: np.ndarray, dim: int) -> np.ndarray:
     """Σ_{i∈rows} φ_i[:dim] (float64)."""
-    return np.asarray(phi.get_orthogonal_selection((np.sort(rows), slice(0, dim))) if hasattr(
-        phi, "get_orthogonal_selection") else phi[np.sort(rows), :dim], dtype=np.float64).sum(axis=0)
+    return np.asarray(
+        phi.get_orthogonal_selection((np.sort(rows), slice(0, dim)))
+        if hasattr(phi, "get_orthogonal_selection")
+        else phi[np.sort(rows), :dim],
+        dtype=np.float64,
+    ).sum(axis=0)

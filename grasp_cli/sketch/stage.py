@@ -16,10 +16,10 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from grasp_cli.artifacts.examples import count_rows, iter_example_blocks, read_examples, read_tasks
+from grasp_cli.artifacts.examples import iter_example_blocks, read_examples, read_tasks
 from grasp_cli.artifacts.manifest import require
-from grasp_cli.artifacts.shards import UnitMarkers, owned_units
 from grasp_cli.artifacts.sharded import finish_if_complete, open_sharded
+from grasp_cli.artifacts.shards import UnitMarkers, owned_units
 from grasp_cli.context import StageContext
 from grasp_cli.reference import data_shape_of, ensure_reference, new_bundle
 
@@ -53,14 +53,22 @@ def run_sketch(ctx: StageContext) -> str:
     def skeleton(folder: Path) -> None:
         group = zarr.open_group(str(folder), mode="w")
         group.create_array("train", shape=(n_rows, k), chunks=(chunk, k), dtype=dtype, fill_value=0)
-        group.create_array("train_ids", shape=(n_rows,), chunks=(chunk,), dtype="int64", fill_value=-1)
-        group.create_array("tasks", shape=(len(task_names), k), chunks=(len(task_names), k), dtype="float32")
+        group.create_array(
+            "train_ids", shape=(n_rows,), chunks=(chunk,), dtype="int64", fill_value=-1
+        )
+        group.create_array(
+            "tasks", shape=(len(task_names), k), chunks=(len(task_names), k), dtype="float32"
+        )
         names = group.create_array("task_names", shape=(len(task_names),), dtype=str)
         names[:] = np.array(task_names)
         group.attrs.update({"sketch": sketcher.describe(), "k": k, "n": n_rows, "dtype": dtype})
 
     manifest = open_sharded(
-        ctx, "sketches", skeleton, units=n_chunks + 1, seeds={"sketch": sketch_seed(ctx)},
+        ctx,
+        "sketches",
+        skeleton,
+        units=n_chunks + 1,
+        seeds={"sketch": sketch_seed(ctx)},
         extra={"n": n_rows, "k": k, "chunk_rows": chunk, "task_names": task_names},
     )
     folder = layout.sketches
@@ -68,26 +76,39 @@ def run_sketch(ctx: StageContext) -> str:
     group = zarr.open_group(str(folder), mode="r+")
     todo = [u for u in owned_units(n_chunks + 1, ctx.shard) if ctx.force or not markers.is_done(u)]
     started, done_rows = time.perf_counter(), 0
-    bar = tqdm(total=sum(_unit_rows(u, n_rows, chunk) for u in todo), unit="ex", desc=f"sketch {ctx.shard}",
-               disable=not ctx.progress, smoothing=0.1)
+    bar = tqdm(
+        total=sum(_unit_rows(u, n_rows, chunk) for u in todo),
+        unit="ex",
+        desc=f"sketch {ctx.shard}",
+        disable=not ctx.progress,
+        smoothing=0.1,
+    )
     for unit in todo:
         if unit == n_chunks:  # the task residuals
-            residuals = np.stack([
-                sketcher.task_residual(_task_batches(tasks[name], config.sketch.task_batch_size))
-                for name in task_names
-            ])
+            residuals = np.stack(
+                [
+                    sketcher.task_residual(
+                        _task_batches(tasks[name], config.sketch.task_batch_size)
+                    )
+                    for name in task_names
+                ]
+            )
             group["tasks"][:] = residuals.astype(np.float32)
         else:
             start, stop = unit * chunk, min((unit + 1) * chunk, n_rows)
             rows, ids = [], []
-            for _, block in iter_example_blocks(layout.corpus, start, stop, config.sketch.batch_size):
+            for _, block in iter_example_blocks(
+                layout.corpus, start, stop, config.sketch.batch_size
+            ):
                 rows.append(sketcher.sketch_batch(_to_device(block.to_torch(), ctx.device)))
                 ids.append(block.ids)
                 bar.update(len(block))
             sketch = np.concatenate(rows)
             if not np.isfinite(sketch).all():
                 bad = start + int(np.argwhere(~np.isfinite(sketch))[0, 0])
-                raise FloatingPointError(f"non-finite gradient sketch at corpus row {bad}; check θ0 and the data")
+                raise FloatingPointError(
+                    f"non-finite gradient sketch at corpus row {bad}; check θ0 and the data"
+                )
             group["train"][start:stop] = sketch.astype(dtype)
             group["train_ids"][start:stop] = np.concatenate(ids)
             done_rows += stop - start
@@ -96,7 +117,11 @@ def run_sketch(ctx: StageContext) -> str:
     elapsed = time.perf_counter() - started
     complete = finish_if_complete(folder, manifest)
     rate = f"{done_rows / elapsed:.0f} ex/s" if done_rows and elapsed > 0 else "nothing to do"
-    state_text = "complete" if complete else f"{len(markers.missing(n_chunks + 1))} units left for other shards"
+    state_text = (
+        "complete"
+        if complete
+        else f"{len(markers.missing(n_chunks + 1))} units left for other shards"
+    )
     return f"sketch: {done_rows} rows in {elapsed:.1f}s ({rate}), k={k}, {config.sketch.projection}; {folder} {state_text}"
 
 

@@ -45,7 +45,11 @@ def ridge_solve(gram: np.ndarray, rhs: np.ndarray, penalty: float) -> np.ndarray
     shifted = evals + penalty
     top = max(float(np.abs(shifted).max(initial=0.0)), 1e-300)
     inv = np.where(shifted > 1e-12 * top, 1.0 / np.where(shifted > 0, shifted, 1.0), 0.0)
-    return evecs @ (inv[:, None] * (evecs.T @ rhs)) if rhs.ndim == 2 else evecs @ (inv * (evecs.T @ rhs))
+    return (
+        evecs @ (inv[:, None] * (evecs.T @ rhs))
+        if rhs.ndim == 2
+        else evecs @ (inv * (evecs.T @ rhs))
+    )
 
 
 def _positive_affine(scores: np.ndarray, utilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,8 +134,12 @@ class TrakBaseline(_ScoreBaseline):
         return features.sums[:, : self.k_prime] @ self.directions.T / self._divisor(features)
 
     def params(self) -> dict[str, Any]:
-        return {"kind": self.kind, "k": self.k_prime, "ridge": float_to_json(self.ridge),
-                "aggregation": self.aggregation}
+        return {
+            "kind": self.kind,
+            "k": self.k_prime,
+            "ridge": float_to_json(self.ridge),
+            "aggregation": self.aggregation,
+        }
 
 
 class GradientCosine(_ScoreBaseline):
@@ -180,7 +188,9 @@ class Datamodels:
     @staticmethod
     def _overlaps(features: SubsetFeatures, columns: np.ndarray) -> np.ndarray:
         if features.overlaps is None:
-            raise ValueError("datamodels need subset overlaps: compute features with with_overlaps=True")
+            raise ValueError(
+                "datamodels need subset overlaps: compute features with with_overlaps=True"
+            )
         return features.overlaps[:, columns]
 
     def fit(self, features: SubsetFeatures, utilities: np.ndarray) -> Datamodels:
@@ -189,7 +199,9 @@ class Datamodels:
         kernel = self._overlaps(features, self.fit_ids_)
         self.col_mean_ = kernel.mean(axis=0)
         self.all_mean_ = float(kernel.mean())
-        centered = kernel - kernel.mean(axis=1, keepdims=True) - self.col_mean_[None, :] + self.all_mean_
+        centered = (
+            kernel - kernel.mean(axis=1, keepdims=True) - self.col_mean_[None, :] + self.all_mean_
+        )
         centered = 0.5 * (centered + centered.T)
         n = len(features)
         self.ridge_abs_ = self.ridge * float(np.trace(centered)) / n
@@ -199,7 +211,9 @@ class Datamodels:
 
     def predict(self, features: SubsetFeatures) -> np.ndarray:
         cross = self._overlaps(features, self.fit_ids_)
-        centered = cross - cross.mean(axis=1, keepdims=True) - self.col_mean_[None, :] + self.all_mean_
+        centered = (
+            cross - cross.mean(axis=1, keepdims=True) - self.col_mean_[None, :] + self.all_mean_
+        )
         return self.mean_[None, :] + centered @ self.dual_
 
     def params(self) -> dict[str, Any]:

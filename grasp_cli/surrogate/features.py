@@ -170,9 +170,13 @@ def compute_subset_features(
         domains = np.asarray(domains, dtype=np.int64)
         if domains.size and domains.min() < 0:
             raise ValueError("domain codes must be non-negative integers")
-        n_domains = len(domain_names) if domain_names is not None else int(domains.max(initial=-1)) + 1
+        n_domains = (
+            len(domain_names) if domain_names is not None else int(domains.max(initial=-1)) + 1
+        )
         if domains.size and domains.max() >= n_domains:
-            raise ValueError(f"domain code {int(domains.max())} has no name (got {n_domains} names)")
+            raise ValueError(
+                f"domain code {int(domains.max())} has no name (got {n_domains} names)"
+            )
 
     sums: np.ndarray | None = None
     gram: np.ndarray | None = None
@@ -199,7 +203,9 @@ def compute_subset_features(
                     raise ValueError(f"normalized_dims: {d} is outside 1..{k}")
                 normalized[int(d)] = np.zeros((n_subsets, int(d)))
         elif k != sums.shape[1]:
-            raise ValueError(f"phi block at row {start} has {k} columns, earlier blocks {sums.shape[1]}")
+            raise ValueError(
+                f"phi block at row {start} has {k} columns, earlier blocks {sums.shape[1]}"
+            )
         stop = int(start) + block.shape[0]
         if 8 * packed.shape[1] < stop:
             raise ValueError(f"phi block rows {start}..{stop} exceed the membership width")
@@ -257,9 +263,9 @@ def compute_subset_features(
         sq_norm_sums=sq_norm_sums,
         normalized_sums=normalized,
         domain_counts=domain_counts,
-        domain_names=list(domain_names) if domain_names is not None else (
-            [str(i) for i in range(n_domains)] if domains is not None else None
-        ),
+        domain_names=list(domain_names)
+        if domain_names is not None
+        else ([str(i) for i in range(n_domains)] if domains is not None else None),
         overlaps=overlaps,
         n_examples=int(n_examples),
     )

@@ -73,7 +73,11 @@ def example_gains(
         raise ValueError(f"phi block has {phi.shape[1]} columns, the surrogate needs {k_prime}")
     s = np.asarray(reference_sum, dtype=np.float64)[:k_prime]
     n = float(reference_size)
-    member = np.zeros(phi.shape[0], dtype=bool) if in_reference is None else np.asarray(in_reference, bool)
+    member = (
+        np.zeros(phi.shape[0], dtype=bool)
+        if in_reference is None
+        else np.asarray(in_reference, bool)
+    )
     if member.shape != (phi.shape[0],):
         raise ValueError(f"in_reference must be bool [{phi.shape[0]}], got shape {member.shape}")
     if n < 0 or (member.any() and n < 1):
@@ -138,5 +142,13 @@ def iter_surrogate_gains(
     """Stream ``(start, gains)`` over ``(start, block)`` pairs; ``reference_mask``: bool ``[N]``."""
     for start, block in phi_blocks:
         member = None if reference_mask is None else reference_mask[start : start + block.shape[0]]
-        yield start, surrogate_gains(surrogate, block, reference_sum=reference_sum,
-                                     reference_size=reference_size, in_reference=member)
+        yield (
+            start,
+            surrogate_gains(
+                surrogate,
+                block,
+                reference_sum=reference_sum,
+                reference_size=reference_size,
+                in_reference=member,
+            ),
+        )

@@ -44,7 +44,9 @@ def geometry_matrix(name: str, k_prime: int, moments: CorpusMoments | None = Non
     second = moments.second_moment[:k_prime, :k_prime]
     scale = float(np.trace(second)) / k_prime
     if not np.isfinite(scale) or scale <= 0:
-        raise ValueError(f"geometry {name!r}: the sketches have no energy in the first {k_prime} dims")
+        raise ValueError(
+            f"geometry {name!r}: the sketches have no energy in the first {k_prime} dims"
+        )
     if name == "diagonal":
         return np.diag(np.diag(second) / scale)
     metric = second / scale

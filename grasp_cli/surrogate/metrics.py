@@ -29,7 +29,9 @@ def rank_columns(values: np.ndarray) -> np.ndarray:
     ends = np.ones(arr.shape, dtype=bool)
     ends[:-1] = starts[1:]
     first = np.maximum.accumulate(np.where(starts, positions, 0), axis=0)
-    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, positions, n), axis=0), axis=0), axis=0)
+    last = np.flip(
+        np.minimum.accumulate(np.flip(np.where(ends, positions, n), axis=0), axis=0), axis=0
+    )
     ranks = np.empty_like(arr)
     np.put_along_axis(ranks, order, 0.5 * (first + last) + 1.0, axis=0)
     return ranks[:, 0] if squeeze else ranks
@@ -39,7 +41,9 @@ def _check(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim not in (1, 2):
-        raise ValueError(f"correlation inputs must have equal 1-D/2-D shapes, got {x.shape} and {y.shape}")
+        raise ValueError(
+            f"correlation inputs must have equal 1-D/2-D shapes, got {x.shape} and {y.shape}"
+        )
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("correlation inputs contain non-finite values")
     return x, y
@@ -106,7 +110,12 @@ def bootstrap_correlations(
     n_eval, n_tasks = predicted.shape
     if n_boot <= 0 or n_eval < 2:
         point = spearman(predicted, measured) if n_eval >= 2 else np.zeros(n_tasks)
-        return {"low": point, "high": point, "mean_low": np.mean(point), "mean_high": np.mean(point)}
+        return {
+            "low": point,
+            "high": point,
+            "mean_low": np.mean(point),
+            "mean_high": np.mean(point),
+        }
     rng = np.random.default_rng(seed)
     draws = np.empty((n_boot, n_tasks))
     for lo in range(0, n_boot, chunk):

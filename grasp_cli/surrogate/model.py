@@ -180,11 +180,15 @@ class GraspSurrogate:
         self.ridge = float(ridge)
         self.aggregation = aggregation
         self.quadratic = bool(quadratic)
-        self.task_names = list(task_names) if task_names is not None else [
-            f"task{t}" for t in range(residuals.shape[0])
-        ]
+        self.task_names = (
+            list(task_names)
+            if task_names is not None
+            else [f"task{t}" for t in range(residuals.shape[0])]
+        )
         if len(self.task_names) != residuals.shape[0]:
-            raise ValueError(f"{len(self.task_names)} task names for {residuals.shape[0]} residuals")
+            raise ValueError(
+                f"{len(self.task_names)} task names for {residuals.shape[0]} residuals"
+            )
         self.metric_ = geometry_matrix(self.geometry, self.k_prime, moments)
         self.n_ref_: float | None = None
         self.n_fit_ = 0
@@ -245,7 +249,9 @@ class GraspSurrogate:
             rest = values[:, t] - design @ coef
             if sing.size:
                 rest_c = rest - rest.mean()
-                self.corrections_[t] = right.T @ ((sing / (sing**2 + self.ridge_abs_)) * (left.T @ rest_c))
+                self.corrections_[t] = right.T @ (
+                    (sing / (sing**2 + self.ridge_abs_)) * (left.T @ rest_c)
+                )
             self.alignment_[t] = coef[0]
             self.curvature_[t] = coef[1] if self.quadratic else 0.0
             self.intercepts_[t] = float(np.mean(rest - means @ self.corrections_[t]))

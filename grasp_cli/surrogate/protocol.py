@@ -62,9 +62,29 @@ __all__ = [
     "split_by_role",
 ]
 
-LCB_COLUMNS = ("method", "n_fit", "k", "geometry", "ridge", "aggregation", "mean", "lcb", "n",
-               "failures", "chosen")
-EVALUATION_COLUMNS = ("method", "task", "n_fit", "spearman", "ci_low", "ci_high", "pearson", "n_eval")
+LCB_COLUMNS = (
+    "method",
+    "n_fit",
+    "k",
+    "geometry",
+    "ridge",
+    "aggregation",
+    "mean",
+    "lcb",
+    "n",
+    "failures",
+    "chosen",
+)
+EVALUATION_COLUMNS = (
+    "method",
+    "task",
+    "n_fit",
+    "spearman",
+    "ci_low",
+    "ci_high",
+    "pearson",
+    "n_eval",
+)
 _AGGREGATION_ORDER = {"mean": 0, "sum": 1}
 
 
@@ -140,7 +160,9 @@ def _seed(seed: int, stream: int) -> int:
 def _valid_dims(k_grid: Sequence[int], k_max: int) -> list[int]:
     dims = sorted({int(k) for k in k_grid if 0 < int(k) <= k_max})
     if not dims:
-        raise ValueError(f"surrogate.k_grid {list(k_grid)} has no prefix within the sketch dimension {k_max}")
+        raise ValueError(
+            f"surrogate.k_grid {list(k_grid)} has no prefix within the sketch dimension {k_max}"
+        )
     return dims
 
 
@@ -184,8 +206,12 @@ def grasp_spec(
         )
 
     def complexity(c: dict[str, Any]) -> tuple:
-        return (c["k"], GEOMETRY_ORDER.get(c["geometry"] or "identity", 99), -c["ridge"],
-                _AGGREGATION_ORDER[c["aggregation"]])
+        return (
+            c["k"],
+            GEOMETRY_ORDER.get(c["geometry"] or "identity", 99),
+            -c["ridge"],
+            _AGGREGATION_ORDER[c["aggregation"]],
+        )
 
     return MethodSpec(name, grid, build, complexity)
 
@@ -208,33 +234,53 @@ def baseline_specs(
     skipped: dict[str, str] = {}
 
     specs.append(
-        grasp_spec(residuals, moments, k_grid=dims, geometry_grid=["identity"],
-                   ridge_grid=settings.ridge_grid, aggregation_grid=aggregations,
-                   task_names=task_names, quadratic=False, name="additive")
+        grasp_spec(
+            residuals,
+            moments,
+            k_grid=dims,
+            geometry_grid=["identity"],
+            ridge_grid=settings.ridge_grid,
+            aggregation_grid=aggregations,
+            task_names=task_names,
+            quadratic=False,
+            name="additive",
+        )
     )
 
     def by_k_ridge_agg(c: dict[str, Any]) -> tuple:
-        return (c.get("k") or 0, -(c.get("ridge") or 0.0), _AGGREGATION_ORDER.get(c.get("aggregation"), 0))
+        return (
+            c.get("k") or 0,
+            -(c.get("ridge") or 0.0),
+            _AGGREGATION_ORDER.get(c.get("aggregation"), 0),
+        )
 
-    trak_grid = [{"k": k, "ridge": r, "aggregation": a}
-                 for k, r, a in itertools.product(dims, ridges, aggregations)]
-    specs.append(MethodSpec(
-        "trak", trak_grid,
-        lambda c: TrakBaseline(residuals, moments, k_prime=c["k"], ridge=c["ridge"],
-                               aggregation=c["aggregation"]),
-        by_k_ridge_agg,
-    ))
+    trak_grid = [
+        {"k": k, "ridge": r, "aggregation": a}
+        for k, r, a in itertools.product(dims, ridges, aggregations)
+    ]
+    specs.append(
+        MethodSpec(
+            "trak",
+            trak_grid,
+            lambda c: TrakBaseline(
+                residuals, moments, k_prime=c["k"], ridge=c["ridge"], aggregation=c["aggregation"]
+            ),
+            by_k_ridge_agg,
+        )
+    )
 
     cos_dims = [k for k in dims if k in features_fit.normalized_sums]
     if not cos_dims:
         cos_dims = [k for k in sorted(features_fit.normalized_sums) if k <= k_max][-1:]
     if cos_dims:
-        specs.append(MethodSpec(
-            "cosine",
-            [{"k": k, "aggregation": a} for k, a in itertools.product(cos_dims, aggregations)],
-            lambda c: GradientCosine(residuals, k_prime=c["k"], aggregation=c["aggregation"]),
-            by_k_ridge_agg,
-        ))
+        specs.append(
+            MethodSpec(
+                "cosine",
+                [{"k": k, "aggregation": a} for k, a in itertools.product(cos_dims, aggregations)],
+                lambda c: GradientCosine(residuals, k_prime=c["k"], aggregation=c["aggregation"]),
+                by_k_ridge_agg,
+            )
+        )
     else:
         skipped["cosine"] = "no normalized sketch sums were computed"
 
@@ -247,16 +293,28 @@ def baseline_specs(
     elif not finite_ridges:
         skipped["datamodels"] = "surrogate.baseline_ridge_grid has no finite λ"
     else:
-        specs.append(MethodSpec("datamodels", [{"ridge": r} for r in finite_ridges],
-                                lambda c: Datamodels(ridge=c["ridge"]), by_k_ridge_agg))
+        specs.append(
+            MethodSpec(
+                "datamodels",
+                [{"ridge": r} for r in finite_ridges],
+                lambda c: Datamodels(ridge=c["ridge"]),
+                by_k_ridge_agg,
+            )
+        )
 
     if features_fit.domain_counts is None or features_fit.domain_counts.shape[1] < 2:
         skipped["mixture"] = "needs domain labels with at least 2 domains"
     elif not finite_ridges:
         skipped["mixture"] = "surrogate.baseline_ridge_grid has no finite λ"
     else:
-        specs.append(MethodSpec("mixture", [{"ridge": r} for r in finite_ridges],
-                                lambda c: DomainMixture(ridge=c["ridge"]), by_k_ridge_agg))
+        specs.append(
+            MethodSpec(
+                "mixture",
+                [{"ridge": r} for r in finite_ridges],
+                lambda c: DomainMixture(ridge=c["ridge"]),
+                by_k_ridge_agg,
+            )
+        )
 
     specs.append(MethodSpec("constant", [{}], lambda c: ConstantBaseline(), lambda c: ()))
     return specs, skipped
@@ -304,8 +362,15 @@ def fit_methods(
     fits: dict[str, MethodFit] = {}
     for spec in specs:
         try:
-            fits[spec.name] = fit_method(spec, features_fit, utilities_fit, folds=folds,
-                                         repeats=repeats, delta=delta, seed=seed)
+            fits[spec.name] = fit_method(
+                spec,
+                features_fit,
+                utilities_fit,
+                folds=folds,
+                repeats=repeats,
+                delta=delta,
+                seed=seed,
+            )
         except (ValueError, np.linalg.LinAlgError) as exc:
             if spec.name == "grasp" or skipped is None:
                 raise
@@ -334,22 +399,44 @@ def evaluate_methods(
     """
     measured = check_utilities(utilities_eval, len(features_eval), "evaluation utilities")
     if measured.shape[1] != len(task_names):
-        raise ValueError(f"evaluation utilities have {measured.shape[1]} tasks, names {len(task_names)}")
+        raise ValueError(
+            f"evaluation utilities have {measured.shape[1]} tasks, names {len(task_names)}"
+        )
     rows: list[dict[str, Any]] = []
     for name, model in models.items():
         predicted = np.asarray(model.predict(features_eval), dtype=np.float64)
         if not np.isfinite(predicted).all():
-            raise ValueError(f"method {name!r} predicted non-finite utilities on evaluation subsets")
+            raise ValueError(
+                f"method {name!r} predicted non-finite utilities on evaluation subsets"
+            )
         rho = np.atleast_1d(spearman(predicted, measured))
         lin = np.atleast_1d(pearson(predicted, measured))
         ci = bootstrap_correlations(predicted, measured, n_boot=n_boot, seed=seed)
         for t, task in enumerate(task_names):
-            rows.append({"method": name, "task": task, "n_fit": n_fit, "spearman": float(rho[t]),
-                         "ci_low": float(ci["low"][t]), "ci_high": float(ci["high"][t]),
-                         "pearson": float(lin[t]), "n_eval": len(features_eval)})
-        rows.append({"method": name, "task": "mean", "n_fit": n_fit, "spearman": float(rho.mean()),
-                     "ci_low": float(ci["mean_low"]), "ci_high": float(ci["mean_high"]),
-                     "pearson": float(lin.mean()), "n_eval": len(features_eval)})
+            rows.append(
+                {
+                    "method": name,
+                    "task": task,
+                    "n_fit": n_fit,
+                    "spearman": float(rho[t]),
+                    "ci_low": float(ci["low"][t]),
+                    "ci_high": float(ci["high"][t]),
+                    "pearson": float(lin[t]),
+                    "n_eval": len(features_eval),
+                }
+            )
+        rows.append(
+            {
+                "method": name,
+                "task": "mean",
+                "n_fit": n_fit,
+                "spearman": float(rho.mean()),
+                "ci_low": float(ci["mean_low"]),
+                "ci_high": float(ci["mean_high"]),
+                "pearson": float(lin.mean()),
+                "n_eval": len(features_eval),
+            }
+        )
     return rows
 
 
@@ -385,12 +472,27 @@ def cost_curve(
     lcb_rows: list[dict[str, Any]] = []
     for n in ns:
         rows = np.arange(n)
-        fit = fit_method(spec, features_fit.take(rows), np.asarray(utilities_fit)[:n],
-                         folds=folds, repeats=repeats, delta=delta, seed=seed)
+        fit = fit_method(
+            spec,
+            features_fit.take(rows),
+            np.asarray(utilities_fit)[:n],
+            folds=folds,
+            repeats=repeats,
+            delta=delta,
+            seed=seed,
+        )
         lcb_rows.extend(fit.lcb_rows())
-        eval_rows.extend(evaluate_methods({spec.name: fit.model}, features_eval, utilities_eval,
-                                          task_names=task_names, n_fit=n, n_boot=n_boot,
-                                          seed=seed if boot_seed is None else boot_seed))
+        eval_rows.extend(
+            evaluate_methods(
+                {spec.name: fit.model},
+                features_eval,
+                utilities_eval,
+                task_names=task_names,
+                n_fit=n,
+                n_boot=n_boot,
+                seed=seed if boot_seed is None else boot_seed,
+            )
+        )
     return eval_rows, lcb_rows
 
 
@@ -439,11 +541,22 @@ def run_protocol(
     if values_fit.shape[1] != len(task_names):
         raise ValueError(f"fit utilities have {values_fit.shape[1]} tasks, names {len(task_names)}")
     fold_seed, boot_seed = _seed(seed, 0), _seed(seed, 1)
-    cv = {"folds": settings.folds, "repeats": settings.repeats, "delta": settings.delta, "seed": fold_seed}
+    cv = {
+        "folds": settings.folds,
+        "repeats": settings.repeats,
+        "delta": settings.delta,
+        "seed": fold_seed,
+    }
 
-    main_spec = grasp_spec(residuals, moments, k_grid=_valid_dims(settings.k_grid, features_fit.k),
-                           geometry_grid=settings.geometry_grid, ridge_grid=settings.ridge_grid,
-                           aggregation_grid=settings.aggregation_grid, task_names=task_names)
+    main_spec = grasp_spec(
+        residuals,
+        moments,
+        k_grid=_valid_dims(settings.k_grid, features_fit.k),
+        geometry_grid=settings.geometry_grid,
+        ridge_grid=settings.ridge_grid,
+        aggregation_grid=settings.aggregation_grid,
+        task_names=task_names,
+    )
     specs = [main_spec]
     skipped: dict[str, str] = {}
     if baselines:
@@ -453,13 +566,28 @@ def run_protocol(
 
     n_fit = len(features_fit)
     lcb_rows = [row for fit in fits.values() for row in fit.lcb_rows()]
-    evaluation_rows = evaluate_methods({name: fit.model for name, fit in fits.items()},
-                                       features_eval, utilities_eval, task_names=task_names,
-                                       n_fit=n_fit, n_boot=settings.bootstrap, seed=boot_seed)
-    curve_eval, curve_lcb = cost_curve(main_spec, features_fit, values_fit, features_eval,
-                                       utilities_eval, settings.cost_curve, task_names=task_names,
-                                       n_boot=settings.bootstrap, boot_seed=boot_seed,
-                                       include_all=False, **cv)
+    evaluation_rows = evaluate_methods(
+        {name: fit.model for name, fit in fits.items()},
+        features_eval,
+        utilities_eval,
+        task_names=task_names,
+        n_fit=n_fit,
+        n_boot=settings.bootstrap,
+        seed=boot_seed,
+    )
+    curve_eval, curve_lcb = cost_curve(
+        main_spec,
+        features_fit,
+        values_fit,
+        features_eval,
+        utilities_eval,
+        settings.cost_curve,
+        task_names=task_names,
+        n_boot=settings.bootstrap,
+        boot_seed=boot_seed,
+        include_all=False,
+        **cv,
+    )
     return ProtocolResult(
         surrogate=fits["grasp"].model,  # type: ignore[arg-type]
         fits=fits,

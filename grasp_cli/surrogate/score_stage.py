@@ -15,8 +15,8 @@ import pyarrow as pa
 import zarr
 
 from grasp_cli.artifacts.manifest import require
-from grasp_cli.artifacts.shards import UnitMarkers, owned_units
 from grasp_cli.artifacts.sharded import finish_if_complete, open_sharded
+from grasp_cli.artifacts.shards import UnitMarkers, owned_units
 from grasp_cli.artifacts.tables import read_table, require_columns, write_table
 from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError
@@ -39,7 +39,7 @@ def given_membership(path: Path, ids: np.ndarray) -> tuple[np.ndarray, np.ndarra
     names = np.unique(subset_ids)
     mask = np.zeros((len(names), len(ids)), dtype=bool)
     lookup = {int(s): j for j, s in enumerate(names)}
-    for subset, example in zip(subset_ids, example_ids):
+    for subset, example in zip(subset_ids, example_ids, strict=True):
         mask[lookup[int(subset)], position[int(example)]] = True
     return np.packbits(mask, axis=1), names
 
@@ -60,8 +60,13 @@ def run_score(ctx: StageContext) -> str:
     def skeleton(folder: Path) -> None:
         (folder / "examples").mkdir()
 
-    manifest = open_sharded(ctx, "scores", skeleton, units=n_chunks + 1,
-                            extra={"reference": config.score.reference, "k": k_prime})
+    manifest = open_sharded(
+        ctx,
+        "scores",
+        skeleton,
+        units=n_chunks + 1,
+        extra={"reference": config.score.reference, "k": k_prime},
+    )
     folder = layout.scores
     markers = UnitMarkers(folder)
     todo = [u for u in owned_units(n_chunks + 1, ctx.shard) if ctx.force or not markers.is_done(u)]
@@ -69,7 +74,9 @@ def run_score(ctx: StageContext) -> str:
         mask = reference_mask(ctx, ids)
         reference_sum = np.zeros(k_prime)
         for start, block in phi_blocks(phi):
-            reference_sum += block[mask[start : start + len(block)], :k_prime].sum(axis=0, dtype=np.float64)
+            reference_sum += block[mask[start : start + len(block)], :k_prime].sum(
+                axis=0, dtype=np.float64
+            )
         reference_size = float(mask.sum())
     for unit in todo:
         if unit == n_chunks:
@@ -77,21 +84,35 @@ def run_score(ctx: StageContext) -> str:
         else:
             start, stop = unit * chunk, min((unit + 1) * chunk, n_rows)
             block = np.asarray(phi[start:stop, :k_prime], dtype=np.float64)
-            gains = surrogate_gains(model, block, reference_sum=reference_sum, reference_size=reference_size,
-                                    in_reference=mask[start:stop])
+            gains = surrogate_gains(
+                model,
+                block,
+                reference_sum=reference_sum,
+                reference_size=reference_size,
+                in_reference=mask[start:stop],
+            )
             tasks = model.task_names
             count = stop - start
-            write_table(folder / "examples" / f"part-{unit:05d}.parquet", pa.table({
-                "id": pa.array(np.repeat(ids[start:stop], len(tasks)), pa.int64()),
-                "task": pa.array(np.tile(np.array(tasks, dtype=object), count).tolist(), pa.string()),
-                "gain": pa.array(gains.gain.reshape(-1)),
-                "alignment": pa.array(gains.alignment.reshape(-1)),
-                "redundancy": pa.array(gains.redundancy.reshape(-1)),
-            }))
+            write_table(
+                folder / "examples" / f"part-{unit:05d}.parquet",
+                pa.table(
+                    {
+                        "id": pa.array(np.repeat(ids[start:stop], len(tasks)), pa.int64()),
+                        "task": pa.array(
+                            np.tile(np.array(tasks, dtype=object), count).tolist(), pa.string()
+                        ),
+                        "gain": pa.array(gains.gain.reshape(-1)),
+                        "alignment": pa.array(gains.alignment.reshape(-1)),
+                        "redundancy": pa.array(gains.redundancy.reshape(-1)),
+                    }
+                ),
+            )
         markers.mark_done(unit)
     complete = finish_if_complete(folder, manifest)
     left = len(markers.missing(n_chunks + 1))
-    return f"score: {len(todo)} parts written; " + (f"{folder} complete" if complete else f"{left} parts left")
+    return f"score: {len(todo)} parts written; " + (
+        f"{folder} complete" if complete else f"{left} parts left"
+    )
 
 
 def reference_mask(ctx: StageContext, ids: np.ndarray) -> np.ndarray:
@@ -118,12 +139,14 @@ def subset_predictions(ctx: StageContext, model, phi, ids: np.ndarray) -> pa.Tab
     predicted = terms["intercept"] + terms["alignment"] - terms["penalty"]
     tasks = model.task_names
     m = len(subset_ids)
-    return pa.table({
-        "subset_id": pa.array(np.repeat(subset_ids, len(tasks)), pa.int64()),
-        "role": pa.array(np.repeat(roles, len(tasks)).tolist(), pa.string()),
-        "size": pa.array(np.repeat(features.sizes.astype(np.int64), len(tasks)), pa.int64()),
-        "task": pa.array(np.tile(np.array(tasks, dtype=object), m).tolist(), pa.string()),
-        "predicted": pa.array(predicted.reshape(-1)),
-        "alignment": pa.array(terms["alignment"].reshape(-1)),
-        "penalty": pa.array(terms["penalty"].reshape(-1)),
-    })
+    return pa.table(
+        {
+            "subset_id": pa.array(np.repeat(subset_ids, len(tasks)), pa.int64()),
+            "role": pa.array(np.repeat(roles, len(tasks)).tolist(), pa.string()),
+            "size": pa.array(np.repeat(features.sizes.astype(np.int64), len(tasks)), pa.int64()),
+            "task": pa.array(np.tile(np.array(tasks, dtype=object), m).tolist(), pa.string()),
+            "predicted": pa.array(predicted.reshape(-1)),
+            "alignment": pa.array(terms["alignment"].reshape(-1)),
+            "penalty": pa.array(terms["penalty"].reshape(-1)),
+        }
+    )

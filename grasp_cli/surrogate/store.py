@@ -34,7 +34,9 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as handle:
             return {name: handle[name] for name in handle.files}
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable array file ({exc}); rerun `grasp fit-surrogate`") from None
+        raise InputError(
+            f"{path}: unreadable array file ({exc}); rerun `grasp fit-surrogate`"
+        ) from None
 
 
 def load_surrogate(folder: Path) -> StoredSurrogate:
@@ -42,8 +44,14 @@ def load_surrogate(folder: Path) -> StoredSurrogate:
     try:
         params = json.loads(params_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{params_path}: unreadable ({exc}); rerun `grasp fit-surrogate`") from None
+        raise InputError(
+            f"{params_path}: unreadable ({exc}); rerun `grasp fit-surrogate`"
+        ) from None
     arrays = load_arrays(folder / "model.npz")
     model = GraspSurrogate.from_arrays(params["grasp"], arrays)
-    bootstrap = load_arrays(folder / "bootstrap.npz") if (folder / "bootstrap.npz").exists() else None
-    return StoredSurrogate(model, params, np.asarray(params["utility_std"], dtype=np.float64), bootstrap)
+    bootstrap = (
+        load_arrays(folder / "bootstrap.npz") if (folder / "bootstrap.npz").exists() else None
+    )
+    return StoredSurrogate(
+        model, params, np.asarray(params["utility_std"], dtype=np.float64), bootstrap
+    )
