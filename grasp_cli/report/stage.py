@@ -135,6 +135,26 @@ def run_report(ctx: StageContext) -> str:
                     '<img src="scatter.png" alt="predicted vs measured">'
                 )
 
+        by_design_path = surrogate / "evaluation_by_design.parquet"
+        if by_design_path.exists():
+            by_design = read_table(by_design_path).to_pylist()
+            designs = sorted({r["design"] for r in by_design})
+            table = {}
+            for r in by_design:
+                table.setdefault(r["method"], {"method": r["method"]})[r["design"]] = r["spearman"]
+            counts = {r["design"]: r["n_eval"] for r in by_design}
+            sections.append(
+                "<h3>By subset design</h3><p>Mean Spearman over tasks on the eval subsets of each design "
+                "("
+                + ", ".join(f"{d}: {counts[d]} subsets" for d in designs)
+                + "). Mixture subsets "
+                "vary the domain mix; <code>within</code> subsets have one size and the corpus's domain "
+                "proportions, so only example-level information can rank them.</p>"
+            )
+            sections.append(
+                _table_html(sorted(table.values(), key=lambda e: e["method"]), ["method", *designs])
+            )
+
         grasp_curve = [
             (r["n_fit"], r["spearman"], r["ci_low"], r["ci_high"])
             for r in mean_rows
