@@ -106,6 +106,33 @@ def subset_aggregates(
     return sums / n_ref
 
 
+def _solve_small(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray | None:
+    """Solve a tiny unit-diagonal PSD system; None when it is (numerically) singular.
+
+    A singular support needs no solution: its columns are collinear, and the smaller
+    supports already reach every point it could.
+    """
+    if gram.shape[0] == 1:
+        return rhs / gram[0, 0]
+    if gram.shape[0] == 2:
+        det = gram[0, 0] * gram[1, 1] - gram[0, 1] * gram[1, 0]
+        if det <= 1e-10:
+            return None
+        return (
+            np.array(
+                [
+                    gram[1, 1] * rhs[0] - gram[0, 1] * rhs[1],
+                    gram[0, 0] * rhs[1] - gram[1, 0] * rhs[0],
+                ]
+            )
+            / det
+        )
+    evals = np.linalg.eigvalsh(gram)
+    if evals.min() <= 1e-10 * evals.max():
+        return None
+    return np.linalg.solve(gram, rhs)
+
+
 def _nonnegative_quadratic(gram: np.ndarray, linear: np.ndarray) -> np.ndarray:
     """argmin_{p ≥ 0} pᵀ Q p − 2 lᵀ p for a PSD ``Q`` of size ≤ 3, by active-set enumeration.
 
@@ -126,7 +153,9 @@ def _nonnegative_quadratic(gram: np.ndarray, linear: np.ndarray) -> np.ndarray:
             idx = list(support)
             if np.any(scale[idx] == 0):
                 continue
-            sub = np.linalg.pinv(q[np.ix_(idx, idx)], rcond=1e-10, hermitian=True) @ lin[idx]
+            sub = _solve_small(q[np.ix_(idx, idx)], lin[idx])
+            if sub is None:
+                continue
             if np.any(sub <= 0):
                 continue
             candidate = np.zeros(dim)
