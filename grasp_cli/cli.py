@@ -127,10 +127,13 @@ def prepare(
     """Documents in -> RUN/corpus (token shards) and RUN/tasks (one Parquet per target task)."""
     ctx = _context(config, run, set_, force)
     section = ctx.config.prepare
+    if demo and inputs:
+        raise UsageError("prepare: give INPUT files or --demo, not both")
     if demo:
         section.demo = True
-    if inputs:
+    if inputs:  # files on the command line replace whatever corpus the config names
         section.inputs = list(inputs)
+        section.demo = False
     for item in task or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:

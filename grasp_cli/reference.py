@@ -8,6 +8,8 @@ start from it.
 from __future__ import annotations
 
 import io
+import pickle
+import re
 
 import numpy as np
 import torch
@@ -58,9 +60,17 @@ def load_state_dict(path: str, bundle: ModelBundle) -> dict[str, torch.Tensor]:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(f"{path}: checkpoint not found") from None
+    except pickle.UnpicklingError as exc:  # weights_only refused it (or it is not a pickle at all)
+        # torch's own text suggests weights_only=False, i.e. running the file's code: never do that here.
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(exc).strip())
+        reason = found.group(1).strip() if found else type(exc).__name__
+        raise InputError(
+            f"{path}: unreadable checkpoint (not a plain state dict of tensors; the safe loader "
+            f"refused it: {reason[:160]})"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for unreadable files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: unreadable checkpoint ({first[:200]})") from None
+        raise InputError(f"{path}: unreadable checkpoint ({first.split('. ')[0][:200]})") from None
     if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,12 +78,24 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def sweep_debris(folder: Path) -> None:
-    """Remove leftovers of interrupted atomic writes directly inside ``folder``."""
+def sweep_debris(folder: Path, min_age_s: float = 0.0) -> None:
+    """Remove leftovers of interrupted atomic writes directly inside ``folder``.
+
+    ``min_age_s`` spares debris modified more recently than that: where other jobs may be
+    writing into ``folder`` at the same time, their in-progress temporaries look exactly
+    like debris.
+    """
     if not Path(folder).is_dir():
         return
+    now = time.time()
     for entry in Path(folder).iterdir():
         if entry.name.startswith(".") and (".tmp-" in entry.name or ".old-" in entry.name):
+            if min_age_s > 0:
+                try:
+                    if now - entry.stat().st_mtime < min_age_s:
+                        continue
+                except FileNotFoundError:  # its owner finished with it meanwhile
+                    continue
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

@@ -21,6 +21,8 @@ from grasp_cli.artifacts.shards import UnitMarkers
 from grasp_cli.context import StageContext
 from grasp_cli.errors import StaleError
 
+SHARED_DEBRIS_MIN_AGE_S = 3600.0
+
 
 def open_sharded(
     ctx: StageContext,
@@ -41,10 +43,13 @@ def open_sharded(
         extra={**(extra or {}), "units": units},
         complete=False,
     )
+    # Look for the folder *before* its manifest: a folder that appears in between was just
+    # created by a concurrent shard (with its manifest, atomically) and must not be replaced.
+    existed = folder.exists()
     existing = read_manifest(folder)
     if existing is not None and existing.fingerprint == plan.fingerprint and not ctx.force:
         return existing
-    if existing is not None or folder.exists():
+    if existing is not None or existed:
         if not (ctx.force or ctx.shard.is_whole):
             raise StaleError(
                 f"stale: {folder} was made from other inputs or another config; rebuild it once without "
@@ -54,7 +59,8 @@ def open_sharded(
     else:
         replacing = False
     folder.parent.mkdir(parents=True, exist_ok=True)
-    sweep_debris(folder.parent)
+    # Other jobs of the array may be building their skeletons here right now: sweep only old debris.
+    sweep_debris(folder.parent, min_age_s=SHARED_DEBRIS_MIN_AGE_S)
     tmp = _tmp_name(folder)
     tmp.mkdir()
     try:

@@ -23,6 +23,7 @@ from grasp_cli.artifacts.manifest import require
 from grasp_cli.artifacts.sharded import finish_if_complete, open_sharded
 from grasp_cli.artifacts.shards import UnitMarkers, owned_units
 from grasp_cli.artifacts.tables import read_table, write_table
+from grasp_cli.artifacts.zarr_io import CheckedGroup, open_group_read
 from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError
 from grasp_cli.reference import data_shape_of, ensure_reference, new_bundle
@@ -57,7 +58,7 @@ def plan_jobs(roles: list[str], repeat_subsets: int, repeat_seeds: int, seed: in
     return jobs
 
 
-def ensure_subsets(ctx: StageContext, corpus: Examples) -> zarr.Group:
+def ensure_subsets(ctx: StageContext, corpus: Examples) -> CheckedGroup:
     """Build ``RUN/subsets.zarr`` from the [subsets] design (deterministic, so every shard agrees)."""
     from grasp_cli.subsets.designs import plan_subsets
 
@@ -90,7 +91,7 @@ def ensure_subsets(ctx: StageContext, corpus: Examples) -> zarr.Group:
         extra={"m": len(plan.sizes), "n": len(corpus)},
     )
     finish_if_complete(ctx.layout.subsets, manifest)
-    return zarr.open_group(str(ctx.layout.subsets), mode="r")
+    return open_group_read(ctx.layout.subsets, "retrain-subsets")
 
 
 def write_subsets_group(folder: Path, plan, n_rows: int, domain_names: list[str]) -> None:
@@ -111,7 +112,7 @@ def write_subsets_group(folder: Path, plan, n_rows: int, domain_names: list[str]
     )
 
 
-def subset_rows(group: zarr.Group, subset_id: int, n_rows: int) -> np.ndarray:
+def subset_rows(group: CheckedGroup, subset_id: int, n_rows: int) -> np.ndarray:
     """Corpus row indices of one subset, from its bit-packed membership."""
     bits = np.unpackbits(np.asarray(group["membership"][subset_id]), count=n_rows)
     return np.flatnonzero(bits)

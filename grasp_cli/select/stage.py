@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import zarr
 
 from grasp_cli.artifacts.atomic import atomic_dir
 from grasp_cli.artifacts.examples import read_examples, write_examples
 from grasp_cli.artifacts.manifest import build_manifest, require, write_manifest
 from grasp_cli.artifacts.tables import write_table
+from grasp_cli.artifacts.zarr_io import open_group_read
 from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError
 from grasp_cli.select import (
@@ -74,8 +74,9 @@ def run_select(ctx: StageContext, export=None) -> str:
     require(layout, "sketches", ctx.config, force=ctx.force)
     require(layout, "surrogate", ctx.config, force=ctx.force)
     stored = load_surrogate(layout.surrogate)
-    phi = zarr.open_group(str(layout.sketches), mode="r")["train"]
-    ids = np.asarray(zarr.open_group(str(layout.sketches), mode="r")["train_ids"][:])
+    sketches = open_group_read(layout.sketches, "sketch")
+    phi = sketches["train"]
+    ids = np.asarray(sketches["train_ids"][:])
     corpus = read_examples(layout.corpus)
     if len(corpus) != phi.shape[0] or not np.array_equal(corpus.ids, ids):
         raise InputError(

@@ -20,6 +20,7 @@ from grasp_cli.artifacts.examples import iter_example_blocks, read_examples, rea
 from grasp_cli.artifacts.manifest import require
 from grasp_cli.artifacts.sharded import finish_if_complete, open_sharded
 from grasp_cli.artifacts.shards import UnitMarkers, owned_units
+from grasp_cli.artifacts.zarr_io import CheckedGroup, open_group_read
 from grasp_cli.context import StageContext
 from grasp_cli.reference import data_shape_of, ensure_reference, new_bundle
 
@@ -139,5 +140,6 @@ def _task_batches(task, batch_size: int):
         yield {k: v[start : start + batch_size] for k, v in data.items()}
 
 
-def read_sketches(path: Path) -> zarr.Group:
-    return zarr.open_group(str(path), mode="r")
+def read_sketches(path: Path) -> CheckedGroup:
+    """``sketches.zarr`` for reading; a damaged chunk or metadata file is an InputError naming it."""
+    return open_group_read(path, "sketch")

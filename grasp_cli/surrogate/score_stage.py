@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import zarr
 
 from grasp_cli.artifacts.manifest import require
 from grasp_cli.artifacts.sharded import finish_if_complete, open_sharded
 from grasp_cli.artifacts.shards import UnitMarkers, owned_units
 from grasp_cli.artifacts.tables import read_table, require_columns, write_table
+from grasp_cli.artifacts.zarr_io import open_group_read
 from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError
 from grasp_cli.surrogate.features import compute_subset_features
@@ -50,7 +50,7 @@ def run_score(ctx: StageContext) -> str:
     require(layout, "surrogate", config, force=ctx.force)
     stored = load_surrogate(layout.surrogate)
     model = stored.model
-    sketches = zarr.open_group(str(layout.sketches), mode="r")
+    sketches = open_group_read(layout.sketches, "sketch")
     phi = sketches["train"]
     ids = np.asarray(sketches["train_ids"][:])
     n_rows, k_prime = phi.shape[0], model.k_prime
@@ -130,7 +130,7 @@ def subset_predictions(ctx: StageContext, model, phi, ids: np.ndarray) -> pa.Tab
         roles = np.array(["given"] * len(subset_ids))
     else:
         require(ctx.layout, "subsets", ctx.config, force=ctx.force)
-        group = zarr.open_group(str(ctx.layout.subsets), mode="r")
+        group = open_group_read(ctx.layout.subsets, "retrain-subsets")
         membership = np.asarray(group["membership"][:])
         subset_ids = np.arange(membership.shape[0])
         roles = np.array([str(r) for r in group["role"][:]])

@@ -15,12 +15,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import zarr
 
 from grasp_cli.artifacts.atomic import atomic_dir
 from grasp_cli.artifacts.examples import read_examples
 from grasp_cli.artifacts.manifest import build_manifest, require, write_manifest
 from grasp_cli.artifacts.tables import write_table
+from grasp_cli.artifacts.zarr_io import open_group_read
 from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError
 from grasp_cli.retrain.stage import base_seed, read_results
@@ -76,7 +76,7 @@ def run_fit_surrogate(ctx: StageContext) -> str:
     settings = config.surrogate
     for name in ("sketches", "subsets", "retrain"):
         require(layout, name, config, force=ctx.force)
-    sketches = zarr.open_group(str(layout.sketches), mode="r")
+    sketches = open_group_read(layout.sketches, "sketch")
     phi = sketches["train"]
     residuals = np.asarray(sketches["tasks"][:], dtype=np.float64)
     task_names = [str(t) for t in sketches["task_names"][:]]
@@ -85,7 +85,7 @@ def run_fit_surrogate(ctx: StageContext) -> str:
             f"surrogate.k_grid {settings.k_grid} exceeds the sketch dimension k = {phi.shape[1]} "
             f"of {layout.sketches}"
         )
-    subsets = zarr.open_group(str(layout.subsets), mode="r")
+    subsets = open_group_read(layout.subsets, "retrain-subsets")
     membership = np.asarray(subsets["membership"][:])
     roles = np.array([str(r) for r in subsets["role"][:]])
     n_rows = int(subsets.attrs["n"])
