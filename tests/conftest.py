@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,21 @@ CODE = "def add(a, b):\n    return a + b\n\nclass Box:\n    def __init__(self, x
 
 def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
+
+
+def run_grasp(*args: object) -> tuple[int, str, str]:
+    """Run `grasp ARGS...` in-process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def grasp_ok(*args: object) -> str:
+    """Run `grasp ARGS...` and insist it exits 0; returns stdout."""
+    code, out, err = run_grasp(*args)
+    assert code == 0, f"grasp {' '.join(map(str, args))} -> {code}\n{out}\n{err}"
+    return out
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ pickle: checkpoints load with ``weights_only=True`` and no artifact is a pickle.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pathlib
@@ -18,7 +17,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,20 +27,13 @@ import pytest
 import torch
 import zarr
 
-from grasp_cli.cli import main
 from tests.conftest import ENGLISH
+from tests.conftest import run_grasp as grasp
 
 CONFIG = Path(__file__).with_name("tiny.toml")
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "grasp_cli"
 ALL = ("corpus", "tasks", "reference", "sketches.zarr", "subsets.zarr", "retrain", "surrogate")
-
-
-def grasp(*args: object) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ give artifacts identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -17,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,8 @@ import pytest
 import zarr
 
 from grasp_cli.artifacts.manifest import read_manifest
-from grasp_cli.cli import main
+from tests.conftest import grasp_ok as ok
+from tests.conftest import run_grasp as grasp
 
 CONFIG = Path(__file__).with_name("tiny.toml")
 REPO = Path(__file__).resolve().parents[1]
@@ -76,20 +75,6 @@ from grasp_cli.cli import main
 
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def grasp(*args: object) -> tuple[int, str, str]:
-    """Run `grasp ARGS...` in-process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return code, out.getvalue(), err.getvalue()
-
-
-def ok(*args: object) -> str:
-    code, out, err = grasp(*args)
-    assert code == 0, f"grasp {' '.join(map(str, args))} -> {code}\n{out}\n{err}"
-    return out
 
 
 def spawn(args: list[object], flag: Path | None = None, **stops: str) -> subprocess.Popen:

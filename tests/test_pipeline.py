@@ -7,12 +7,10 @@ schemas, that sharded and resumed runs reproduce the one-shot run exactly, that
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
 import shutil
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,8 @@ import zarr
 
 from grasp_cli.artifacts.examples import read_examples, read_tasks
 from grasp_cli.artifacts.manifest import read_manifest
-from grasp_cli.cli import main
+from tests.conftest import grasp_ok as ok
+from tests.conftest import run_grasp as grasp
 
 CONFIG = Path(__file__).with_name("tiny.toml")
 STAGES = [
@@ -41,20 +40,6 @@ RESULT_COLUMNS = ["subset_id", "role", "task", "metric", "value", "seed", "steps
 N_SUBSETS = 16  # tiny.toml: mixture 12 + within 4
 N_JOBS = N_SUBSETS + 3  # + repeat_subsets 3 with one extra seed
 K = 32
-
-
-def grasp(*args: object) -> tuple[int, str, str]:
-    """Run `grasp ARGS...` in-process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return code, out.getvalue(), err.getvalue()
-
-
-def ok(*args: object) -> str:
-    code, out, err = grasp(*args)
-    assert code == 0, f"grasp {' '.join(map(str, args))} -> {code}\n{out}\n{err}"
-    return out
 
 
 def copy_inputs(src: Path, dst: Path, names=("corpus", "tasks", "reference")) -> Path:

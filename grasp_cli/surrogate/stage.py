@@ -24,6 +24,7 @@ from grasp_cli.artifacts.zarr_io import open_group_read
 from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError
 from grasp_cli.retrain.stage import base_seed, read_results
+from grasp_cli.select.stream import iter_blocks
 from grasp_cli.surrogate.features import compute_subset_features
 from grasp_cli.surrogate.metrics import spearman
 from grasp_cli.surrogate.model import GraspSurrogate, float_to_json
@@ -34,9 +35,8 @@ PHI_BLOCK_ROWS = 65536
 
 
 def phi_blocks(array, block_rows: int = PHI_BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-    """Row blocks ``(start, float32 [b, k])`` of a sketch array (Zarr or numpy)."""
-    for start in range(0, array.shape[0], block_rows):
-        yield start, np.asarray(array[start : start + block_rows], dtype=np.float32)
+    """Row blocks ``(start, float32 [b, k])`` of a sketch array (Zarr or numpy), read ahead."""
+    return iter_blocks(array, block_rows, int(array.shape[1]))
 
 
 def measured_utilities(
