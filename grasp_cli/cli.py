@@ -130,10 +130,10 @@ def prepare(
     if demo and inputs:
         raise UsageError("prepare: give INPUT files or --demo, not both")
     if demo:
-        section.demo = True
+        section.demo, section.demo_images = True, False
     if inputs:  # files on the command line replace whatever corpus the config names
         section.inputs = list(inputs)
-        section.demo = False
+        section.demo, section.demo_images = False, False
     for item in task or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
@@ -147,7 +147,7 @@ def prepare(
 
     summary = run_prepare(ctx.config, ctx.layout)
     typer.echo(
-        f"corpus: {summary.corpus_rows} sequences in {len(summary.domains)} domains -> {ctx.layout.corpus}\n"
+        f"corpus: {summary.corpus_rows} {summary.unit} in {len(summary.domains)} domains -> {ctx.layout.corpus}\n"
         f"tasks:  "
         + ", ".join(f"{k} ({v})" for k, v in summary.tasks.items())
         + f" -> {ctx.layout.tasks}"

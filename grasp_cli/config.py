@@ -60,6 +60,15 @@ class PrepareSection:
     shard_rows: int = _f(100_000, "Rows per corpus Parquet shard.")
     row_group_rows: int = _f(8192, "Rows per Parquet row group.")
     image_size: int = _f(0, "Vision: resize images to this square size (0 = keep; all must match).")
+    demo_images: bool = _f(
+        False,
+        "Build the offline image demo: scikit-learn's digits in visual domains (needs grasp-cli[vision]).",
+    )
+    demo_image_shares: dict[str, float] = _f(
+        {},
+        "Image demo: share of the digits in each domain (original, thick, noisy, shifted, rotated, "
+        "inverted); empty = built-in.",
+    )
 
 
 @dataclass

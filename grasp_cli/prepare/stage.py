@@ -20,6 +20,7 @@ from grasp_cli.prepare.documents import (
     demo_documents,
     load_documents,
 )
+from grasp_cli.prepare.images import inputs_are_images
 from grasp_cli.prepare.tokens import byte_sequences
 
 
@@ -28,6 +29,7 @@ class PrepareSummary:
     corpus_rows: int
     domains: dict[str, int]
     tasks: dict[str, int]
+    unit: str = "sequences"  # what a row is: "sequences" (text) or "images"
 
 
 def split_holdout(
@@ -91,6 +93,10 @@ def tokenize_documents(
 
 def run_prepare(config: GraspConfig, layout: RunLayout) -> PrepareSummary:
     section = config.prepare
+    if section.demo_images or (not section.demo and inputs_are_images(section.inputs)):
+        from grasp_cli.prepare.images import run_prepare_images
+
+        return run_prepare_images(config, layout)
     seed = config.derived_seed(-1, "prepare")
     if section.demo:
         documents = demo_documents(section.demo_domains or None)
@@ -144,12 +150,20 @@ def _cap_documents(documents: list[Document], cap: int, seed: int) -> list[Docum
 
 
 def write_prepared(
-    config: GraspConfig, layout: RunLayout, corpus: Examples, tasks: dict[str, Examples], seed: int
+    config: GraspConfig,
+    layout: RunLayout,
+    corpus: Examples,
+    tasks: dict[str, Examples],
+    seed: int,
+    extra: dict | None = None,
 ) -> None:
-    """Write corpus and tasks folders atomically; manifests last, so nothing half-done looks complete."""
+    """Write corpus and tasks folders atomically; manifests last, so nothing half-done looks complete.
+
+    ``extra`` is added to the corpus manifest (e.g. an image corpus's class names)."""
     layout.root.mkdir(parents=True, exist_ok=True)
     sweep_debris(layout.root)
     section = config.prepare
+    extra_fields = dict(extra or {})
     with atomic_dir(layout.corpus) as folder:
         paths = write_examples(folder, corpus, section.shard_rows, section.row_group_rows)
         extra = {"rows": len(corpus), "kind": "image" if corpus.is_image else "tokens"}
@@ -158,6 +172,7 @@ def write_prepared(
         else:
             extra["image_shape"] = list(corpus.fields["image"].shape[1:])
             extra["num_classes"] = int(corpus.fields["label"].max()) + 1
+        extra.update(extra_fields)
         write_manifest(
             folder,
             build_manifest(
