@@ -149,6 +149,10 @@ class RetrainSection:
 @dataclass
 class SurrogateSection:
     k_grid: list[int] = _f([32, 128], "Sketch prefix dims k' tried by the LCB protocol.")
+    alignment_grid: list[str] = _f(
+        ["plain", "natural"],
+        "Task direction the alignment term uses: 'plain' (r_t) and/or 'natural' ((C+εI)⁻¹ r_t, C = ΦᵀΦ/N).",
+    )
     geometry_grid: list[str] = _f(
         ["identity", "diagonal"], "Geometries G: identity, diagonal, whitened."
     )
@@ -372,6 +376,9 @@ def validate(config: GraspConfig) -> None:
         value = getattr(getattr(config, section), key)
         if value not in choices:
             raise ConfigError(f"{section}.{key} = {value!r}: choose one of {', '.join(choices)}")
+    for alignment in config.surrogate.alignment_grid:
+        if alignment not in ("plain", "natural"):
+            raise ConfigError(f"surrogate.alignment_grid: unknown alignment {alignment!r}")
     for geometry in config.surrogate.geometry_grid:
         if geometry not in ("identity", "diagonal", "whitened"):
             raise ConfigError(f"surrogate.geometry_grid: unknown geometry {geometry!r}")

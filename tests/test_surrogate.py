@@ -443,7 +443,7 @@ def test_protocol_tables_have_the_promised_shape(quadratic_protocol):
         assert mean_row["n_eval"] == 60
         assert mean_row["ci_low"] <= mean_row["spearman"] <= mean_row["ci_high"] + 1e-12
     grasp_lcb = [r for r in result.lcb_rows if r["method"] == "grasp" and r["n_fit"] == 100]
-    assert len(grasp_lcb) == 2 * 2 * 2 and sum(r["chosen"] for r in grasp_lcb) == 1
+    assert len(grasp_lcb) == 2 * 2 * 2 * 2 and sum(r["chosen"] for r in grasp_lcb) == 1
     chosen = next(r for r in grasp_lcb if r["chosen"])
     assert chosen["lcb"] == max(r["lcb"] for r in grasp_lcb)
     assert result.surrogate.k_prime == chosen["k"] and result.surrogate.n_fit_ == 100
@@ -576,3 +576,27 @@ def test_redundant_examples_have_negative_interaction():
     )
     assert gains.redundancy[0, 0] < gains.redundancy[1, 0]
     assert gains.gain[1, 0] > gains.gain[0, 0]
+
+
+def test_natural_alignment_preconditions_by_the_damped_metric():
+    from grasp_cli.surrogate.features import CorpusMoments
+    from grasp_cli.surrogate.model import NATURAL_DAMPING, GraspSurrogate
+
+    rng = np.random.default_rng(3)
+    phi = rng.normal(size=(400, 6)) * np.array([5.0, 1.0, 1.0, 0.5, 0.2, 0.1])
+    moments = CorpusMoments(n=400, total=phi.sum(0), gram=phi.T @ phi)
+    residuals = rng.normal(size=(2, 6))
+    model = GraspSurrogate(residuals, k_prime=4, alignment="natural", moments=moments)
+    metric = (phi.T @ phi / 400)[:4, :4]
+    expected = np.linalg.solve(
+        metric + NATURAL_DAMPING * np.trace(metric) / 4 * np.eye(4), residuals[:, :4].T
+    ).T
+    expected *= np.linalg.norm(residuals[:, :4], axis=1, keepdims=True) / np.linalg.norm(
+        expected, axis=1, keepdims=True
+    )
+    np.testing.assert_allclose(model.residuals, expected, rtol=1e-10)
+    # the direction differs from the plain one exactly where the metric is anisotropic
+    plain = GraspSurrogate(residuals, k_prime=4, moments=moments).residuals
+    assert not np.allclose(model.residuals, plain)
+    with pytest.raises(ValueError, match="needs the corpus moments"):
+        GraspSurrogate(residuals, alignment="natural")

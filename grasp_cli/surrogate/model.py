@@ -56,6 +56,31 @@ __all__ = [
 ]
 
 AGGREGATIONS = ("mean", "sum")
+ALIGNMENTS = ("plain", "natural")
+NATURAL_DAMPING = (
+    1e-2  # damping of the sketched Gauss–Newton metric, relative to its mean eigenvalue
+)
+
+
+def natural_direction(directions: np.ndarray, moments: CorpusMoments | None) -> np.ndarray:
+    """Precondition task directions ``[T, k']`` by the damped sketched Gauss–Newton metric.
+
+    ``(C + εI)⁻¹ r`` with ``C = ΦᵀΦ/N`` on the prefix and ``ε = NATURAL_DAMPING · tr(C)/k'``:
+    the natural-gradient (TRAK-like, whitened) task direction, so that alignment is measured
+    in the geometry of the corpus's own gradients rather than in raw sketch coordinates.
+    Each row is rescaled to its original norm, keeping ``a_t`` and ``λ`` on the usual scale.
+    """
+    if moments is None:
+        raise ValueError("alignment 'natural' needs the corpus moments")
+    k_prime = directions.shape[1]
+    metric = moments.second_moment[:k_prime, :k_prime]
+    damping = NATURAL_DAMPING * float(np.trace(metric)) / k_prime
+    solved = np.linalg.solve(metric + damping * np.eye(k_prime), directions.T).T
+    norms = np.linalg.norm(directions, axis=1, keepdims=True)
+    solved_norms = np.linalg.norm(solved, axis=1, keepdims=True)
+    return solved * np.where(
+        solved_norms > 0, norms / np.where(solved_norms > 0, solved_norms, 1), 0
+    )
 
 
 def float_to_json(value: float) -> float | str:
@@ -194,6 +219,7 @@ class GraspSurrogate:
         quadratic: bool = True,
         moments: CorpusMoments | None = None,
         task_names: Sequence[str] | None = None,
+        alignment: str = "plain",
     ) -> None:
         residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
         k = residuals.shape[1]
@@ -204,7 +230,12 @@ class GraspSurrogate:
             raise ValueError(f"unknown aggregation {aggregation!r}: choose 'mean' or 'sum'")
         if not ridge >= 0:
             raise ValueError(f"ridge λ must be >= 0 (or inf), got {ridge}")
+        if alignment not in ALIGNMENTS:
+            raise ValueError(f"unknown alignment {alignment!r}: choose 'plain' or 'natural'")
+        self.alignment = alignment
         self.residuals = residuals[:, : self.k_prime].copy()
+        if alignment == "natural":
+            self.residuals = natural_direction(self.residuals, moments)
         self.geometry = geometry if quadratic else "identity"
         self.ridge = float(ridge)
         self.aggregation = aggregation
@@ -349,6 +380,7 @@ class GraspSurrogate:
             )
         return {
             "kind": self.kind,
+            "alignment": self.alignment,
             "quadratic": self.quadratic,
             "k": self.k_prime,
             "geometry": self.geometry,
@@ -385,6 +417,7 @@ class GraspSurrogate:
             task_names=[task["task"] for task in params["tasks"]],
         )
         model.geometry = params["geometry"]
+        model.alignment = params.get("alignment", "plain")
         model.metric_ = np.asarray(arrays["metric"], dtype=np.float64)
         model.corrections_ = np.asarray(arrays["corrections"], dtype=np.float64)
         model.intercepts_ = np.asarray(arrays["intercepts"], dtype=np.float64)

@@ -125,6 +125,7 @@ class MethodFit:
                     "method": self.name,
                     "n_fit": self.n_fit,
                     "k": cand.get("k"),
+                    "alignment": cand.get("alignment"),
                     "geometry": cand.get("geometry"),
                     "ridge": cand.get("ridge"),
                     "aggregation": cand.get("aggregation"),
@@ -180,16 +181,21 @@ def grasp_spec(
     task_names: Sequence[str] | None = None,
     quadratic: bool = True,
     name: str = "grasp",
+    alignment_grid: Sequence[str] = ("plain",),
 ) -> MethodSpec:
-    """GRASP's grid ``k' × G × λ × aggregation`` (``quadratic=False``: additive alignment,
-    whose grid drops the geometry)."""
+    """GRASP's grid ``k' × alignment × G × λ × aggregation`` (``quadratic=False``: additive
+    alignment, whose grid drops the geometry)."""
     residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
     dims = _valid_dims(k_grid, residuals.shape[1])
     geometries = list(dict.fromkeys(geometry_grid)) if quadratic else [None]
     grid = [
-        {"k": k, "geometry": g, "ridge": float(lam), "aggregation": agg}
-        for k, g, lam, agg in itertools.product(
-            dims, geometries, list(dict.fromkeys(ridge_grid)), list(dict.fromkeys(aggregation_grid))
+        {"k": k, "alignment": al, "geometry": g, "ridge": float(lam), "aggregation": agg}
+        for k, al, g, lam, agg in itertools.product(
+            dims,
+            list(dict.fromkeys(alignment_grid)),
+            geometries,
+            list(dict.fromkeys(ridge_grid)),
+            list(dict.fromkeys(aggregation_grid)),
         )
     ]
 
@@ -203,11 +209,13 @@ def grasp_spec(
             quadratic=quadratic,
             moments=moments,
             task_names=task_names,
+            alignment=c.get("alignment", "plain"),
         )
 
     def complexity(c: dict[str, Any]) -> tuple:
         return (
             c["k"],
+            c.get("alignment", "plain") != "plain",
             GEOMETRY_ORDER.get(c["geometry"] or "identity", 99),
             -c["ridge"],
             _AGGREGATION_ORDER[c["aggregation"]],
@@ -244,6 +252,7 @@ def baseline_specs(
             task_names=task_names,
             quadratic=False,
             name="additive",
+            alignment_grid=settings.alignment_grid,
         )
     )
 
@@ -556,6 +565,7 @@ def run_protocol(
         ridge_grid=settings.ridge_grid,
         aggregation_grid=settings.aggregation_grid,
         task_names=task_names,
+        alignment_grid=settings.alignment_grid,
     )
     specs = [main_spec]
     skipped: dict[str, str] = {}

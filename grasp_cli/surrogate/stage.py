@@ -297,6 +297,7 @@ def summary_text(rows, model, noise, n_fit, n_eval, folder) -> str:
             full[row["method"]] = row
     lines = [
         f"fit-surrogate: {n_fit} fit / {n_eval} eval subsets; chosen GRASP: k'={model.k_prime}, "
+        f"alignment={model.alignment}, "
         f"G={model.geometry}, λ={model.ridge}, {model.aggregation}"
     ]
     if noise:
