@@ -17,7 +17,7 @@ SHARDS      ?= 2
 BIN   := $(VENV)/bin
 GRASP := $(BIN)/grasp
 
-.PHONY: demo pipeline test test-all lint bench repro clean install install-test
+.PHONY: demo vision pipeline test test-all lint bench repro clean install install-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@ $(VENV)/.installed
+
+$(VENV)/.installed-vision: pyproject.toml $(VENV)/.torch
+	$(BIN)/python -m pip install --quiet -e ".[report,vision]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -52,6 +56,10 @@ pipeline:
 	scripts/run_shards.sh $(SHARDS) $(GRASP) retrain-subsets --config $(CONFIG) --run $(RUN) --curation
 	$(GRASP) report --config $(CONFIG) --run $(RUN)
 	@echo "report: $(RUN)/report/index.html"
+
+# The image demo: sklearn's digits in six visual domains (needs the [vision] extra).
+vision: $(VENV)/.installed-vision
+	$(MAKE) --no-print-directory pipeline CONFIG=configs/vision-demo.toml RUN=runs/vision
 
 repro: $(VENV)/.installed
 	$(MAKE) --no-print-directory pipeline CONFIG=$(CONFIG) RUN=runs/$(basename $(notdir $(CONFIG)))

@@ -106,7 +106,10 @@ def _dry_run(ctx: StageContext, stage: str, extra_reads: list[str] | None = None
 @app.command()
 def prepare(
     inputs: Annotated[
-        list[str] | None, typer.Argument(help="Files, folders or globs of .txt/.jsonl/.parquet.")
+        list[str] | None,
+        typer.Argument(
+            help="Files, folders or globs: .txt/.jsonl/.parquet documents, or images (folders of PNG/JPEG, .npz, .parquet)."
+        ),
     ] = None,
     demo: Annotated[
         bool, typer.Option("--demo", help="Build the offline demo corpus from Python's own text.")

@@ -126,7 +126,7 @@ def curation(losses: dict[str, dict[str, float]], path: Path) -> None:
     if values:
         span = max(values) - min(values)
         ax.set_ylim(min(values) - 0.5 * span - 1e-3, max(values) + 0.3 * span + 1e-3)
-    ax.set_ylabel("task loss (nats/token)")
+    ax.set_ylabel("task loss (nats)")
     ax.set_title("Curation check: train on each selection")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -184,7 +184,7 @@ def run_fit_surrogate(ctx: StageContext) -> str:
             },
             "skipped": result.skipped,
             "task_names": task_names,
-            "utility": "-loss (nats/token); higher is better",
+            "utility": "-(mean task loss, nats); higher is better",
             "utility_std": utility_std.tolist(),
             "n_fit": int(len(fit_rows)),
             "n_eval": int(len(eval_rows)),
