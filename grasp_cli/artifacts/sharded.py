@@ -8,9 +8,11 @@ markers; the shard that finds every unit done rewrites the manifest as complete.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,21 @@ from grasp_cli.artifacts.atomic import _tmp_name, replace_dir, sweep_debris
 from grasp_cli.artifacts.manifest import Manifest, build_manifest, read_manifest, write_manifest
 from grasp_cli.artifacts.shards import UnitMarkers
 from grasp_cli.context import StageContext
-from grasp_cli.errors import StaleError
 
 SHARED_DEBRIS_MIN_AGE_S = 3600.0
+
+
+@contextlib.contextmanager
+def _creation_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock (``flock``) on ``.<artifact>.lock`` beside the artifact: shards of a job
+    array decide one at a time whether to reuse, create or replace the shared folder."""
+    lock_path = folder.parent / f".{folder.name}.lock"
+    with open(lock_path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def open_sharded(
@@ -33,7 +47,12 @@ def open_sharded(
     seeds: dict[str, int] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Create ``artifact`` (skeleton + pending manifest) or reuse a matching one; return its manifest."""
+    """Create ``artifact`` (skeleton + pending manifest) or reuse a matching one; return its manifest.
+
+    A folder made from other inputs or another config is replaced by the first shard of the new
+    plan; the shards after it find the new plan and reuse it. ``--force`` never replaces a folder
+    whose plan matches (that would delete the other shards' work): the stages redo their units.
+    """
     folder = ctx.layout.path(artifact)
     plan = build_manifest(
         ctx.layout,
@@ -43,45 +62,25 @@ def open_sharded(
         extra={**(extra or {}), "units": units},
         complete=False,
     )
-    # Look for the folder *before* its manifest: a folder that appears in between was just
-    # created by a concurrent shard (with its manifest, atomically) and must not be replaced.
-    existed = folder.exists()
-    existing = read_manifest(folder)
-    if existing is not None and existing.fingerprint == plan.fingerprint and not ctx.force:
-        return existing
-    if existing is not None or existed:
-        if not (ctx.force or ctx.shard.is_whole):
-            raise StaleError(
-                f"stale: {folder} was made from other inputs or another config; rebuild it once without "
-                "--shard (or with --force), then rerun the job array"
-            )
-        replacing = True
-    else:
-        replacing = False
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # Other jobs of the array may be building their skeletons here right now: sweep only old debris.
-    sweep_debris(folder.parent, min_age_s=SHARED_DEBRIS_MIN_AGE_S)
-    tmp = _tmp_name(folder)
-    tmp.mkdir()
-    try:
-        build_skeleton(tmp)
-        write_manifest(tmp, plan)
-        if replacing:
-            replace_dir(tmp, folder)
-        else:
-            try:
+    with _creation_lock(folder):
+        existing = read_manifest(folder)
+        if existing is not None and existing.fingerprint == plan.fingerprint:
+            return existing
+        # Other jobs may be writing their own temporaries here right now: sweep only old debris.
+        sweep_debris(folder.parent, min_age_s=SHARED_DEBRIS_MIN_AGE_S)
+        tmp = _tmp_name(folder)
+        tmp.mkdir()
+        try:
+            build_skeleton(tmp)
+            write_manifest(tmp, plan)
+            if folder.exists():
+                replace_dir(tmp, folder)
+            else:
                 os.rename(tmp, folder)
-            except OSError:  # another shard created it first: use theirs
+        finally:
+            if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-                theirs = read_manifest(folder)
-                if theirs is None or theirs.fingerprint != plan.fingerprint:
-                    raise StaleError(
-                        f"{folder}: created concurrently with a different plan; rerun"
-                    ) from None
-                return theirs
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return plan
 
 
