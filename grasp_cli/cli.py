@@ -126,6 +126,7 @@ def prepare(
     set_: SetOpt = None,
     dry_run: DryOpt = False,
     force: ForceOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Documents in -> RUN/corpus (token shards) and RUN/tasks (one Parquet per target task)."""
     ctx = _context(config, run, set_, force)
@@ -288,6 +289,7 @@ def report(
     set_: SetOpt = None,
     dry_run: DryOpt = False,
     force: ForceOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """An HTML report with plots of everything in the run -> RUN/report/index.html."""
     ctx = _context(config, run, set_, force)

@@ -14,7 +14,7 @@ import re
 import numpy as np
 import torch
 
-from grasp_cli.artifacts.atomic import atomic_dir
+from grasp_cli.artifacts.atomic import atomic_dir, creation_lock
 from grasp_cli.artifacts.examples import Examples
 from grasp_cli.artifacts.manifest import (
     build_manifest,
@@ -101,7 +101,18 @@ def load_state_dict(path: str, bundle: ModelBundle) -> dict[str, torch.Tensor]:
 def ensure_reference(
     ctx: StageContext, corpus: Examples, bundle: ModelBundle
 ) -> dict[str, torch.Tensor]:
-    """θ0 from RUN/reference if fresh; else from the checkpoint, or trained now; saved with a manifest."""
+    """θ0 from RUN/reference if fresh; else from the checkpoint, or trained now; saved with a manifest.
+
+    Held under the artifact's creation lock: when several shards start on a fresh run, one
+    trains θ0 and the others wait, then load it (instead of racing to replace the folder).
+    """
+    with creation_lock(ctx.layout.reference):
+        return _ensure_reference_locked(ctx, corpus, bundle)
+
+
+def _ensure_reference_locked(
+    ctx: StageContext, corpus: Examples, bundle: ModelBundle
+) -> dict[str, torch.Tensor]:
     folder = ctx.layout.reference
     checkpoint = ctx.config.reference.checkpoint
     existing = read_manifest(folder)

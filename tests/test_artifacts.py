@@ -121,6 +121,10 @@ def test_shard_from_slurm_env(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     assert resolve_shard(None, None) == ShardSpec(2, 4)
     assert resolve_shard(0, 2) == ShardSpec(0, 2)  # flags win
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "6")  # --array=0-6:2 -> tasks 0, 2, 4, 6
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")
+    assert resolve_shard(None, None) == ShardSpec(3, 4)
     with pytest.raises(UsageError):
         resolve_shard(4, 4)
 

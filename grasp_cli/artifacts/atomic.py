@@ -7,8 +7,11 @@ under the final name; ``sweep_debris`` clears that debris on the next run.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -100,3 +103,35 @@ def sweep_debris(folder: Path, min_age_s: float = 0.0) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
+
+
+_NO_LOCKS = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK}
+
+
+@contextlib.contextmanager
+def creation_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``.<name>.lock`` beside ``folder``: concurrent jobs (shards of an
+    array) decide one at a time whether to reuse, create or replace a shared artifact.
+
+    On a file system without locks (Lustre mounted without ``-o flock``) it warns once and goes
+    on unlocked: writes stay atomic, only concurrent *creation* of one artifact is unguarded.
+    """
+    lock_path = Path(folder).parent / f".{Path(folder).name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
+            print(
+                f"warning: no file locks on {lock_path.parent} ({exc.strerror}); "
+                "mount with -o flock for safe concurrent shards",
+                file=sys.stderr,
+            )
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -8,34 +8,19 @@ markers; the shard that finds every unit done rewrites the manifest as complete.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from grasp_cli.artifacts.atomic import _tmp_name, replace_dir, sweep_debris
+from grasp_cli.artifacts.atomic import _tmp_name, creation_lock, replace_dir, sweep_debris
 from grasp_cli.artifacts.manifest import Manifest, build_manifest, read_manifest, write_manifest
 from grasp_cli.artifacts.shards import UnitMarkers
 from grasp_cli.context import StageContext
 
 SHARED_DEBRIS_MIN_AGE_S = 3600.0
-
-
-@contextlib.contextmanager
-def _creation_lock(folder: Path) -> Iterator[None]:
-    """An exclusive lock (``flock``) on ``.<artifact>.lock`` beside the artifact: shards of a job
-    array decide one at a time whether to reuse, create or replace the shared folder."""
-    lock_path = folder.parent / f".{folder.name}.lock"
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def open_sharded(
@@ -63,7 +48,7 @@ def open_sharded(
         complete=False,
     )
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _creation_lock(folder):
+    with creation_lock(folder):
         existing = read_manifest(folder)
         if existing is not None and existing.fingerprint == plan.fingerprint:
             return existing

@@ -37,12 +37,21 @@ def resolve_shard(index: int | None, count: int | None) -> ShardSpec:
     if index is None and count is None and "SLURM_ARRAY_TASK_ID" in os.environ:
         task_id = int(os.environ["SLURM_ARRAY_TASK_ID"])
         task_min = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        step = int(os.environ.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
         count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
-        index = task_id - task_min
+        offset = task_id - task_min
+        if offset % step:
+            raise UsageError(
+                f"SLURM array task {task_id} is not on the array's grid; submit --array=0-{count - 1}"
+            )
+        index = offset // step
     index = 0 if index is None else index
     count = 1 if count is None else count
     if count < 1 or not 0 <= index < count:
-        raise UsageError(f"--shard {index} --num-shards {count}: need 0 <= shard < num-shards")
+        raise UsageError(
+            f"--shard {index} --num-shards {count}: need 0 <= shard < num-shards "
+            "(SLURM arrays: submit a contiguous --array=0-(N-1))"
+        )
     return ShardSpec(index, count)
 
 
