@@ -104,8 +104,8 @@ def write_subsets_group(folder: Path, plan, n_rows: int, domain_names: list[str]
         dtype="uint8",
     )[:] = membership
     group.create_array("size", shape=(len(plan.sizes),), dtype="int64")[:] = np.asarray(plan.sizes)
-    for name in ("role", "design", "params"):
-        values = np.array([str(v) for v in getattr(plan, name if name != "role" else "roles")])
+    for name, column in (("role", plan.roles), ("design", plan.design), ("params", plan.params)):
+        values = np.array([str(v) for v in column])
         group.create_array(name, shape=(len(values),), dtype=str)[:] = values
     group.attrs.update(
         {"n": n_rows, "m": len(plan.sizes), "domains": domain_names, "bitorder": "big"}

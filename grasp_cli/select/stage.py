@@ -26,6 +26,7 @@ from grasp_cli.select import (
     select,
 )
 from grasp_cli.select.objective import aggregation_scale
+from grasp_cli.surrogate.stage import masked_row_sum
 from grasp_cli.surrogate.store import StoredSurrogate, load_surrogate
 
 
@@ -143,7 +144,9 @@ def run_select(ctx: StageContext, export=None) -> str:
             )
             extra["additive_objective"] = float(additive.value)
             extra["random_objective"] = float(
-                objective.value(objective_sum(phi, random_rows, objective.dim))
+                objective.value(
+                    masked_row_sum(phi, np.isin(np.arange(len(ids)), random_rows), objective.dim)
+                )
             )
         write_manifest(folder, build_manifest(layout, "selection", ctx.config, extra=extra))
     message = (
@@ -160,13 +163,3 @@ def run_select(ctx: StageContext, export=None) -> str:
             )
         message += f"; exported to {export}"
     return message + f" -> {layout.selection / 'selected.parquet'}"
-
-
-def objective_sum(phi, rows: np.ndarray, dim: int) -> np.ndarray:
-    """Σ_{i∈rows} φ_i[:dim] (float64)."""
-    return np.asarray(
-        phi.get_orthogonal_selection((np.sort(rows), slice(0, dim)))
-        if hasattr(phi, "get_orthogonal_selection")
-        else phi[np.sort(rows), :dim],
-        dtype=np.float64,
-    ).sum(axis=0)

@@ -22,7 +22,7 @@ from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError
 from grasp_cli.surrogate.features import compute_subset_features
 from grasp_cli.surrogate.gains import surrogate_gains
-from grasp_cli.surrogate.stage import phi_blocks
+from grasp_cli.surrogate.stage import masked_row_sum, phi_blocks
 from grasp_cli.surrogate.store import load_surrogate
 
 
@@ -72,11 +72,7 @@ def run_score(ctx: StageContext) -> str:
     todo = [u for u in owned_units(n_chunks + 1, ctx.shard) if ctx.force or not markers.is_done(u)]
     if any(u < n_chunks for u in todo):
         mask = reference_mask(ctx, ids)
-        reference_sum = np.zeros(k_prime)
-        for start, block in phi_blocks(phi):
-            reference_sum += block[mask[start : start + len(block)], :k_prime].sum(
-                axis=0, dtype=np.float64
-            )
+        reference_sum = masked_row_sum(phi, mask, k_prime)
         reference_size = float(mask.sum())
     for unit in todo:
         if unit == n_chunks:

@@ -39,6 +39,14 @@ def phi_blocks(array, block_rows: int = PHI_BLOCK_ROWS) -> Iterator[tuple[int, n
     return iter_blocks(array, block_rows, int(array.shape[1]))
 
 
+def masked_row_sum(array, mask: np.ndarray, dim: int) -> np.ndarray:
+    """``Σ_{i: mask[i]} φ_i[:dim]`` (float64 ``[dim]``) in one streamed pass over the sketch array."""
+    total = np.zeros(dim)
+    for start, block in iter_blocks(array, PHI_BLOCK_ROWS, dim):
+        total += block[mask[start : start + len(block)]].sum(axis=0, dtype=np.float64)
+    return total
+
+
 def measured_utilities(
     results: pa.Table, task_names: list[str], n_subsets: int, seed: int, metric: str = "loss"
 ) -> np.ndarray:
