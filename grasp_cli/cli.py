@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 failure, 2 bad usage or bad input. ``GRASP_DEBUG=1`` shows t
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import typer
 from grasp_cli import __version__
 from grasp_cli.artifacts.layout import ARTIFACTS, RunLayout
 from grasp_cli.artifacts.shards import resolve_shard
-from grasp_cli.config import describe, load_config
+from grasp_cli.config import describe, load_config, parse_budget, validate
 from grasp_cli.context import StageContext
 from grasp_cli.errors import GraspError, UsageError
 
@@ -80,6 +81,8 @@ def _context(
     num_shards: int | None = None,
     quiet: bool = False,
 ) -> StageContext:
+    if Path(run).exists() and not Path(run).is_dir():
+        raise UsageError(f"--run {run}: exists and is not a folder; a run directory is a folder")
     return StageContext(
         config=load_config(config, overrides or []),
         layout=RunLayout(Path(run)),
@@ -145,6 +148,7 @@ def prepare(
         section.tasks[name] = path
     if holdout_domains:
         section.holdout_domains = [d.strip() for d in holdout_domains.split(",") if d.strip()]
+    validate(ctx.config)  # the flags above are config too: same checks (names, leakage)
     if dry_run:
         return _dry_run(ctx, "prepare")
     from grasp_cli.prepare.stage import run_prepare
@@ -259,10 +263,20 @@ def score(
 @app.command()
 def select(
     budget: Annotated[
-        float | None, typer.Option("--budget", "-b", help="A count (>= 1) or a fraction of N.")
+        str | None,
+        typer.Option(
+            "--budget",
+            "-b",
+            help="A whole count (600) or a fraction of N in (0, 1] (0.25; 1.0 = all).",
+        ),
     ] = None,
     export: Annotated[
-        Path | None, typer.Option("--export", help="Write the selected corpus here.")
+        Path | None,
+        typer.Option(
+            "--export",
+            help="Write the selected corpus to this folder (new, empty, or an earlier export; "
+            "with --force, added beside another folder's files, never replacing any).",
+        ),
     ] = None,
     config: ConfigOpt = None,
     run: RunOpt = DEFAULT_RUN,
@@ -274,7 +288,7 @@ def select(
     """Pick the budget-B subset that maximizes the predicted task utility -> RUN/selection/."""
     ctx = _context(config, run, set_, force, quiet=quiet)
     if budget is not None:
-        ctx.config.select.budget = budget
+        ctx.config.select.budget = parse_budget(budget)
     if dry_run:
         return _dry_run(ctx, "select")
     from grasp_cli.select.stage import run_select
@@ -317,7 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn library errors into one line and an exit code."""
     debug = os.environ.get("GRASP_DEBUG", "") not in ("", "0")
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode, typer *returns* the exit code of an Exit (Ctrl-C is Exit(130)).
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            if code == 130:
+                typer.echo("interrupted", err=True)
+            return code
     except GraspError as exc:
         if debug:
             raise
@@ -326,6 +345,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
+    except OSError as exc:
+        if debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if debug:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            typer.echo(
+                f"error: {type(exc).__name__}: {first} (GRASP_DEBUG=1 shows the traceback)",
+                err=True,
+            )
+            return 1
+        typer.echo(f"error: {exc.filename or 'a file'}: {exc.strerror}", err=True)
+        return 1
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:

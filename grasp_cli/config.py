@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 import tomllib
 
+from grasp_cli.artifacts.layout import check_safe_name
 from grasp_cli.errors import ConfigError
 
 
@@ -190,7 +192,11 @@ class ScoreSection:
 
 @dataclass
 class SelectSection:
-    budget: float = _f(0.25, "Subset size: a count (>= 1) or a fraction of N (< 1).")
+    budget: int | float = _f(
+        0.25,
+        "Subset size: a whole count (an integer, e.g. 600) or a fraction of N in (0, 1] "
+        "(a number with a decimal point, e.g. 0.25; 1.0 = the whole corpus).",
+    )
     algorithm: str = _f(
         "auto", "'greedy' (exact lazy greedy), 'stream' (iterated linearization), 'auto'."
     )
@@ -396,25 +402,132 @@ def validate(config: GraspConfig) -> None:
         ("prepare", "seq_len"),
         ("prepare", "shard_rows"),
         ("prepare", "row_group_rows"),
+        ("reference", "steps"),
+        ("reference", "batch_size"),
+        ("reference", "lr"),
         ("sketch", "k"),
+        ("sketch", "kron_dim"),
+        ("sketch", "sjlt_nnz"),
         ("sketch", "batch_size"),
         ("sketch", "chunk_rows"),
+        ("sketch", "task_batch_size"),
         ("retrain", "steps"),
         ("retrain", "batch_size"),
+        ("retrain", "lr"),
         ("retrain", "parallel_models"),
+        ("retrain", "eval_batch_size"),
         ("surrogate", "folds"),
+        ("surrogate", "repeats"),
+        ("score", "chunk_rows"),
+        ("select", "max_iters"),
+        ("select", "block_rows"),
     ]
     for section, key in positive:
-        if getattr(getattr(config, section), key) <= 0:
-            raise ConfigError(f"{section}.{key} must be positive")
-    if not 0.0 < config.subsets.eval_fraction < 1.0:
-        raise ConfigError("subsets.eval_fraction must lie in (0, 1)")
+        value = getattr(getattr(config, section), key)
+        if not value > 0 or not math.isfinite(value):
+            raise ConfigError(f"{section}.{key} = {value!r} must be a positive number")
+    non_negative = [
+        ("run", "threads"),
+        ("prepare", "max_docs_per_domain"),
+        ("prepare", "max_seqs_per_domain"),
+        ("prepare", "max_task_seqs"),
+        ("prepare", "image_size"),
+        ("reference", "weight_decay"),
+        ("reference", "warmup_steps"),
+        ("retrain", "weight_decay"),
+        ("retrain", "warmup_steps"),
+        ("retrain", "repeat_subsets"),
+        ("retrain", "repeat_seeds"),
+        ("surrogate", "bootstrap"),
+        ("surrogate", "bootstrap_refits"),
+        ("surrogate", "datamodels_max_n"),
+        ("select", "robust_kappa"),
+        ("select", "greedy_max_n"),
+    ]
+    for section, key in non_negative:
+        value = getattr(getattr(config, section), key)
+        if not value >= 0 or not math.isfinite(value):
+            raise ConfigError(f"{section}.{key} = {value!r} must be >= 0")
+    fractions = [
+        ("prepare", "holdout_fraction", False, False),
+        ("reference", "slice_fraction", False, True),
+        ("subsets", "eval_fraction", False, False),
+        ("subsets", "uniform_alpha", False, False),
+        ("subsets", "size_min", False, True),
+        ("subsets", "size_max", False, True),
+        ("surrogate", "delta", False, False),
+        ("surrogate", "max_excluded_fraction", True, True),
+    ]
+    for section, key, low_ok, high_ok in fractions:
+        value = getattr(getattr(config, section), key)
+        inside = (value >= 0 if low_ok else value > 0) and (value <= 1 if high_ok else value < 1)
+        if not inside:
+            interval = f"{'[' if low_ok else '('}0, 1{']' if high_ok else ')'}"
+            raise ConfigError(f"{section}.{key} = {value!r} must lie in {interval}")
+    if config.subsets.size_min > config.subsets.size_max:
+        raise ConfigError(
+            f"subsets.size_min = {config.subsets.size_min} is above "
+            f"subsets.size_max = {config.subsets.size_max}"
+        )
+    if not config.subsets.dirichlet_alpha > 0 or not math.isfinite(config.subsets.dirichlet_alpha):
+        raise ConfigError("subsets.dirichlet_alpha must be a positive number")
+    for design, count in config.subsets.designs.items():
+        if count < 0:
+            raise ConfigError(f"subsets.designs.{design} = {count} must be >= 0 (a subset count)")
     if max(config.surrogate.k_grid, default=0) > config.sketch.k:
         raise ConfigError(
             f"surrogate.k_grid {config.surrogate.k_grid} asks for more dims than sketch.k = {config.sketch.k}"
         )
-    if config.select.budget <= 0:
-        raise ConfigError("select.budget must be positive")
+    if any(k <= 0 for k in config.surrogate.k_grid) or not config.surrogate.k_grid:
+        raise ConfigError(f"surrogate.k_grid {config.surrogate.k_grid} must list positive dims")
+    for name, weight in config.select.task_weights.items():
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(
+                f"select.task_weights.{name} = {weight!r} must be a finite number >= 0"
+            )
+    for name, cap in config.select.domain_caps.items():
+        if not math.isfinite(cap) or cap < 0:
+            raise ConfigError(f"select.domain_caps.{name} = {cap!r} must be a finite number >= 0")
+    for name in config.prepare.tasks:
+        check_safe_name(name, "prepare.tasks: task name")
+    for name in config.prepare.holdout_domains:
+        check_safe_name(name, "prepare.holdout_domains: domain (it names a task file)")
+    both = sorted(set(config.prepare.tasks) & set(config.prepare.holdout_domains))
+    if both:
+        raise ConfigError(
+            f"task {both[0]!r} is given as a --task file and as a held-out domain; the held-out "
+            "documents would be silently replaced: rename the --task or drop the domain"
+        )
+    check_budget(config.select.budget)
+
+
+def check_budget(budget: int | float) -> None:
+    """``select.budget``: an integer count >= 1, or a fraction of the corpus in (0, 1].
+
+    A float above 1 must be whole (``600.0`` is the count 600); ``1.5``, NaN and infinities
+    are errors, so a budget never means something other than what was typed.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ConfigError(f"select.budget = {budget!r}: expected a count or a fraction")
+    if isinstance(budget, float) and not math.isfinite(budget):
+        raise ConfigError(f"select.budget = {budget!r} must be a finite count or fraction")
+    if budget <= 0:
+        raise ConfigError(f"select.budget = {budget!r} must be positive")
+    if isinstance(budget, float) and budget > 1 and budget != math.floor(budget):
+        raise ConfigError(
+            f"select.budget = {budget!r} is neither a fraction in (0, 1] nor a whole count"
+        )
+
+
+def parse_budget(text: str) -> int | float:
+    """``--budget TEXT``: ``600`` is a count, ``0.25`` or ``1.0`` a fraction (see ``check_budget``)."""
+    value = _parse_override_value(text.strip())
+    if isinstance(value, str):
+        raise ConfigError(
+            f"--budget {text!r}: expected a count (e.g. 600) or a fraction (e.g. 0.25)"
+        )
+    check_budget(value)
+    return value
 
 
 def describe(config: GraspConfig) -> str:

@@ -14,12 +14,13 @@ import re
 import numpy as np
 import torch
 
-from grasp_cli.artifacts.atomic import atomic_dir, creation_lock
+from grasp_cli.artifacts.atomic import atomic_dir, creation_lock, sweep_debris
 from grasp_cli.artifacts.examples import Examples
 from grasp_cli.artifacts.manifest import (
     build_manifest,
     file_digest,
-    read_manifest,
+    folder_digest,
+    read_manifest_or_none,
     require,
     staleness,
     write_manifest,
@@ -99,27 +100,31 @@ def load_state_dict(path: str, bundle: ModelBundle) -> dict[str, torch.Tensor]:
 
 
 def ensure_reference(
-    ctx: StageContext, corpus: Examples, bundle: ModelBundle
+    ctx: StageContext, corpus: Examples, bundle: ModelBundle, *, rebuild: bool = False
 ) -> dict[str, torch.Tensor]:
     """θ0 from RUN/reference if fresh; else from the checkpoint, or trained now; saved with a manifest.
+
+    ``rebuild`` (``grasp sketch --force``, the stage that owns θ0) makes it again even when it
+    is fresh; other stages' ``--force`` never touches it.
 
     Held under the artifact's creation lock: when several shards start on a fresh run, one
     trains θ0 and the others wait, then load it (instead of racing to replace the folder).
     """
     with creation_lock(ctx.layout.reference):
-        return _ensure_reference_locked(ctx, corpus, bundle)
+        return _ensure_reference_locked(ctx, corpus, bundle, rebuild)
 
 
 def _ensure_reference_locked(
-    ctx: StageContext, corpus: Examples, bundle: ModelBundle
+    ctx: StageContext, corpus: Examples, bundle: ModelBundle, rebuild: bool
 ) -> dict[str, torch.Tensor]:
     folder = ctx.layout.reference
     checkpoint = ctx.config.reference.checkpoint
-    existing = read_manifest(folder)
+    existing = read_manifest_or_none(folder, force=ctx.force)
+    sweep_debris(folder.parent, [folder.name])  # under the lock: no one else writes it now
     if (
         existing is not None
         and existing.complete
-        and not ctx.force
+        and not rebuild
         and staleness(ctx.layout, "reference", ctx.config) is None
     ):
         if not checkpoint or existing.extra.get("checkpoint_digest") == _digest_of(checkpoint):
@@ -161,7 +166,7 @@ def _ensure_reference_locked(
             "reference",
             ctx.config,
             seeds={"reference": seed},
-            content=file_digest([tmp / STATE_FILE]),
+            content=folder_digest(tmp),
             extra=extra,
         )
         write_manifest(tmp, manifest)

@@ -69,6 +69,7 @@ class Case:
     setup: Callable[[Path, Path], list[object]] = lambda run, tmp: []
     config: bool = True
     extra: list[object] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def _rewrite_corpus_part(run: Path, change: Callable[[pa.Table], pa.Table], part: int = 0) -> Path:
@@ -130,8 +131,16 @@ def _bad_json_line(run, tmp):
 
 
 def _shift_sketch_ids(run, tmp):
+    """Sketches of another corpus, consistently written: ids shifted *and* digests updated
+    (so this is the ids check at work, not the chunk digests)."""
+    from grasp_cli.artifacts.zarr_io import chunk_digests
+
     ids = zarr.open_group(str(run / "sketches.zarr"), mode="r+")["train_ids"]
     ids[:] = np.asarray(ids[:]) + 1000
+    path = run / "sketches.zarr" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["extra"]["digests"]["train_ids"] = chunk_digests(ids)
+    path.write_text(json.dumps(manifest))
     return []
 
 
@@ -221,6 +230,56 @@ def _corrupt_params(run, tmp):
     return []
 
 
+def _docs(tmp: Path, name: str = "docs.jsonl", domain: str = "a", ids=None) -> Path:
+    path = tmp / name
+    rows = [{"text": ENGLISH * 3, "domain": domain} for _ in range(4)]
+    for row, value in zip(rows, ids or [], strict=False):
+        row["id"] = value
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _task_named(name):
+    def setup(run, tmp):
+        return [_docs(tmp), "--task", f"{name}={_docs(tmp, 't.jsonl', 't')}"]
+
+    return setup
+
+
+def _escaping_domain(run, tmp):
+    return [_docs(tmp, domain="../../x"), "--holdout-domains", "../../x"]
+
+
+def _corpus_file_as_task(run, tmp):
+    corpus = _docs(tmp)
+    return [corpus, _docs(tmp, "b.jsonl", "b"), "--task", f"t={corpus}", "--holdout-domains", "b"]
+
+
+def _task_is_holdout_domain(run, tmp):
+    return [_docs(tmp), "--holdout-domains", "a", "--task", f"a={_docs(tmp, 't.jsonl', 't')}"]
+
+
+def _complete_as_string(run, tmp):
+    path = run / "sketches.zarr" / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["complete"] = "false"
+    path.write_text(json.dumps(raw))
+    return []
+
+
+def _run_is_a_file(run, tmp):
+    shutil.rmtree(run)
+    run.write_text("not a folder")
+    return []
+
+
+def _user_folder(run, tmp):
+    folder = tmp / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    return ["--export", folder]
+
+
 CASES: dict[str, Case] = {
     "corpus-missing-tokens": Case(["sketch"], ["needs a 'tokens' or an 'image' column", "{run}/corpus/part-00000.parquet"],
                                   ("corpus", "tasks"), _drop_tokens),
@@ -292,13 +351,65 @@ CASES: dict[str, Case] = {
     "corrupt-manifest": Case(["fit-surrogate"], ["{run}/sketches.zarr/manifest.json: corrupt manifest"],
                              setup=_corrupt_manifest),
     "corrupt-surrogate-params": Case(["select"], ["{run}/surrogate/params.json: unreadable"], setup=_corrupt_params),
+    "task-name-escapes-the-run": Case(["prepare"], ["task name '../evil' cannot be a file name"], (),
+                                      _task_named("../evil"), config=False),
+    "task-name-is-absolute": Case(["prepare"], ["task name '/abs/victim' cannot be a file name"], (),
+                                  _task_named("/abs/victim"), config=False),
+    "task-name-has-a-folder": Case(["prepare"], ["task name 'a/b' cannot be a file name"], (),
+                                   _task_named("a/b"), config=False),
+    "holdout-domain-escapes-the-run": Case(["prepare"], ["'../../x' cannot be a file name"], (),
+                                           _escaping_domain, config=False),
+    "corpus-file-is-also-a-task": Case(["prepare"], ["docs.jsonl is also a corpus input", "target leakage"], (),
+                                       _corpus_file_as_task, config=False),
+    "task-name-is-a-holdout-domain": Case(["prepare"], ["task 'a' is given as a --task file and as a held-out domain"],
+                                          (), _task_is_holdout_domain, config=False),
+    "document-id-not-an-integer": Case(["prepare"], ["docs.jsonl:1: id 1.5 must be a string or an integer"], (),
+                                       lambda run, tmp: [_docs(tmp, ids=[1.5]), "--holdout-domains", "a"],
+                                       config=False),
+    "document-ids-1-and-1.0-collide": Case(["prepare"], ["docs.jsonl:2: duplicate id '1'"], (),
+                                           lambda run, tmp: [_docs(tmp, ids=[1, 1.0]), "--holdout-domains", "a"],
+                                           config=False),
+    "budget-nan": Case(["select"], ["select.budget = nan must be a finite count or fraction"],
+                       extra=["--budget", "nan"]),
+    "budget-inf": Case(["select"], ["select.budget = inf must be a finite count or fraction"],
+                       extra=["--budget", "inf"]),
+    "set-budget-nan": Case(["select"], ["select.budget = nan must be a finite"], extra=["--set", "select.budget=nan"]),
+    "budget-one-and-a-half": Case(["select"], ["select.budget = 1.5 is neither a fraction in (0, 1] nor a whole count"],
+                                  extra=["--budget", "1.5"]),
+    "budget-not-a-number": Case(["select"], ["--budget 'lots': expected a count"], extra=["--budget", "lots"]),
+    "slurm-task-id-not-an-integer": Case(["sketch"], ["SLURM_ARRAY_TASK_ID='abc' is not an integer"],
+                                         env={"SLURM_ARRAY_TASK_ID": "abc"}),
+    "negative-threads": Case(["sketch"], ["run.threads = -3 must be >= 0"], extra=["--set", "run.threads=-3"]),
+    "holdout-fraction-above-one": Case(["prepare"], ["prepare.holdout_fraction = 1.5 must lie in (0, 1)"], (),
+                                       extra=["--set", "prepare.holdout_fraction=1.5"]),
+    "negative-design-count": Case(["retrain-subsets"], ["subsets.designs.mixture = -3 must be >= 0"],
+                                  extra=["--set", "subsets.designs={mixture = -3}"]),
+    "size-min-above-size-max": Case(["retrain-subsets"], ["subsets.size_min = 0.6 is above subsets.size_max = 0.5"],
+                                    extra=["--set", "subsets.size_min=0.6"]),
+    "task-weight-nan": Case(["select"], ["select.task_weights.docs = nan must be a finite number"],
+                            extra=["--set", "select.task_weights={docs = nan}"]),
+    "task-weights-all-zero": Case(["select"], ["gives every task weight 0"],
+                                  extra=["--set", "select.task_weights={docs = 0.0, email = 0.0}"]),
+    "manifest-complete-is-a-string": Case(["fit-surrogate"], ["{run}/sketches.zarr/manifest.json: corrupt manifest",
+                                                              "field 'complete' is str"], setup=_complete_as_string),
+    "run-is-a-file": Case(["status"], ["--run {run}: exists and is not a folder"], (), _run_is_a_file),
+    "export-over-a-user-folder": Case(["select"], ["--export {tmp}/mine: exists and is not a grasp export"],
+                                      setup=_user_folder),
+    "export-over-the-run": Case(["select"], ["--export {run}: that folder holds the run"],
+                                setup=lambda run, tmp: ["--export", run, "--force"]),
+    "export-over-its-parent": Case(["select"], ["that folder holds the run"],
+                                   setup=lambda run, tmp: ["--export", tmp, "--force"]),
+    "export-into-an-artifact": Case(["select"], ["inside grasp's corpus artifact"],
+                                    setup=lambda run, tmp: ["--export", run / "corpus" / "x", "--force"]),
+    "export-onto-a-file": Case(["select"], ["exists and is not a folder"],
+                               setup=lambda run, tmp: ["--export", _docs(tmp), "--force"]),
     "plugin-without-factory": Case(["sketch"], ["model.factory must be 'package.module:function'"],
                                    extra=["--set", "model.kind=plugin"]),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_exits_2_with_one_line(base, tmp_path, name):
+def test_bad_input_exits_2_with_one_line(base, tmp_path, name, monkeypatch):
     case = CASES[name]
     run = tmp_path / "run"
     run.mkdir()
@@ -306,6 +417,8 @@ def test_bad_input_exits_2_with_one_line(base, tmp_path, name):
         shutil.copytree(base / artifact, run / artifact)
     (tmp_path / "base").symlink_to(base)  # lets a setup read the intact originals
     args = case.setup(run, tmp_path)
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
     config = ["-c", CONFIG] if case.config else []
     code, out, err = grasp(*case.stage, *args, *config, "--run", run, *case.extra)
     assert code == 2, f"exit {code}\n{out}\n{err}"
@@ -420,3 +533,134 @@ def test_plugin_models_are_imported_only_by_the_model_factory():
         if re.search(r"import_module\(|__import__\(|(?<![.\w])(exec|eval)\(|runpy\.", text)
     ]
     assert importers == ["models/__init__.py"]
+
+
+# ---------------------------------------------------------------- legitimate inputs that must work
+
+
+def _prepare_rows(run: Path) -> int:
+    return sum(pq.read_metadata(p).num_rows for p in (run / "corpus").glob("part-*.parquet"))
+
+
+def _two_domains(tmp: Path) -> list[dict]:
+    return [
+        {"text": (ENGLISH if i % 2 else ENGLISH.upper()) * 3, "domain": "ab"[i % 2]}
+        for i in range(8)
+    ]
+
+
+def test_jsonl_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    lines = "\n".join(json.dumps(r) for r in _two_domains(tmp_path)) + "\n"
+    path.write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    code, out, err = grasp("prepare", path, "--holdout-domains", "a", "--run", tmp_path / "run")
+    assert code == 0, err
+    assert _prepare_rows(tmp_path / "run") > 0
+
+
+def test_null_ids_get_default_ids_and_dictionary_text_is_read(tmp_path):
+    rows = _two_domains(tmp_path)
+    table = pa.table(
+        {
+            "text": pa.array([r["text"] for r in rows]).dictionary_encode(),
+            "domain": pa.array([r["domain"] for r in rows]),
+            "id": pa.array([None] * len(rows), pa.int64()),
+        }
+    )
+    assert pa.types.is_dictionary(table.schema.field("text").type)
+    pq.write_table(table, tmp_path / "docs.parquet")
+    code, _, err = grasp(
+        "prepare", tmp_path / "docs.parquet", "--holdout-domains", "a", "--run", tmp_path / "run"
+    )
+    assert code == 0, err
+    parts = sorted((tmp_path / "run" / "corpus").glob("part-*.parquet"))
+    docs = {d for p in parts for d in pq.read_table(p).column("doc").to_pylist()}
+    assert docs and all(d.startswith("docs-") for d in docs)
+
+
+def test_a_glob_through_a_symlink_loop_reads_each_file_once(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "docs.jsonl").write_text("\n".join(json.dumps(r) for r in _two_domains(tmp_path)))
+    (data / "loop").symlink_to(data, target_is_directory=True)
+    once = tmp_path / "once"
+    assert grasp("prepare", data / "docs.jsonl", "--holdout-domains", "a", "--run", once)[0] == 0
+    for pattern in (f"{data}/**/*.jsonl", str(data)):
+        run = tmp_path / f"run{len(pattern)}"
+        code, _, err = grasp("prepare", pattern, "--holdout-domains", "a", "--run", run)
+        assert code == 0, err
+        assert _prepare_rows(run) == _prepare_rows(once)
+
+
+def test_verbatim_task_documents_in_the_corpus_are_warned_about(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps(r) for r in _two_domains(tmp_path)))
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"text": ENGLISH * 3}) + "\n")
+    code, _, err = grasp("prepare", corpus, "--task", f"t={task}", "--run", tmp_path / "run")
+    assert code == 0
+    assert "1 of 1 documents of task 't' also appear verbatim in the corpus" in err
+
+
+def test_a_full_disk_names_the_file_being_written(base, tmp_path, monkeypatch):
+    import errno
+
+    import grasp_cli.artifacts.tables as tables
+
+    run = tmp_path / "run"
+    for artifact in ALL:
+        shutil.copytree(base / artifact, run / artifact)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tables.pq, "write_table", full)
+    code, _, err = grasp("fit-surrogate", "-c", CONFIG, "--run", run, "--force")
+    assert code == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {run}/surrogate/") and "No space left on device" in line, err
+    assert not (run / "surrogate").exists() or (run / "surrogate" / "manifest.json").is_file()
+
+
+# ---------------------------------------------------------------- select --export never destroys
+
+
+def _select(run: Path, *args: object) -> tuple[int, str, str]:
+    return grasp("select", "-c", CONFIG, "--run", run, *args)
+
+
+def _export_ids(folder: Path) -> list[int]:
+    return sorted(pq.read_table(folder, columns=["id"]).column("id").to_pylist())
+
+
+def test_export_creates_replaces_its_own_and_never_deletes_user_files(base, tmp_path):
+    run = tmp_path / "run"
+    for artifact in ALL:
+        shutil.copytree(base / artifact, run / artifact)
+    export = tmp_path / "export"
+    assert _select(run, "--export", export)[0] == 0
+    selected = sorted(pq.read_table(run / "selection" / "selected.parquet").column("id").to_pylist())
+    parts = sorted(export.glob("part-*.parquet"))
+    assert parts and (export / "_grasp_export.json").is_file()
+    assert sorted(pq.read_table(parts[0]).column("id").to_pylist()) == selected
+    # an earlier export is replaced (no --force needed), with a smaller budget
+    assert _select(run, "--export", export, "--budget", "10")[0] == 0
+    assert len(pq.read_table(sorted(export.glob("part-*.parquet"))[0])) == 10
+    # a user's folder: refused, then --force adds beside the user's file, deleting nothing
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    code, _, err = _select(run, "--export", mine)
+    assert code == 2 and (mine / "thesis.tex").read_text() == "precious"
+    assert _select(run, "--export", mine, "--force")[0] == 0
+    assert (mine / "thesis.tex").read_text() == "precious"
+    assert (mine / "part-00000.parquet").is_file()
+    # a second --force export there would overwrite the first's files: refused, nothing lost
+    before = (mine / "part-00000.parquet").read_bytes()
+    code, _, err = _select(run, "--export", mine, "--force")
+    assert code == 2 and "already exists" in err
+    assert (mine / "part-00000.parquet").read_bytes() == before
+    # the run itself, with --force: refused and intact
+    listing = sorted(p.name for p in run.iterdir())
+    code, _, err = _select(run, "--export", run, "--force")
+    assert code == 2 and sorted(p.name for p in run.iterdir()) == listing

@@ -375,12 +375,20 @@ def test_rebuilt_upstream_makes_downstream_stale(base, tmp_path):
 
 
 def _poison(part: Path, value: float) -> None:
+    """A job whose training diverged: its part holds ``value`` and its recorded digest is the
+    part's (as the job itself would have written it)."""
+    from grasp_cli.artifacts.manifest import file_digest
+
     table = pq.read_table(part)
     values = np.full(table.num_rows, value)
     table = table.set_column(
         table.schema.get_field_index("value"), "value", pa.array(values, pa.float64())
     )
     pq.write_table(table, part)
+    manifest_path = part.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["extra"]["files"][part.name] = file_digest([part])
+    manifest_path.write_text(json.dumps(manifest))
 
 
 def test_nan_utilities_are_excluded_and_reported_up_to_the_limit(base, tmp_path):
@@ -406,3 +414,133 @@ def test_nan_utilities_are_excluded_and_reported_up_to_the_limit(base, tmp_path)
     assert code == 2
     line = one_line_error(err)
     assert "2 subsets" in line and "max_excluded_fraction" in line
+
+
+# ---------------------------------------------------------------- decodable but wrong bytes
+
+
+ALL_FIT = ("corpus", "tasks", "reference", "sketches.zarr", "subsets.zarr", "retrain", "surrogate")
+
+
+@pytest.mark.parametrize("damage", ["deleted", "swapped"])
+def test_missing_or_swapped_sketch_chunk_is_an_error_not_zeros(base, tmp_path, damage):
+    run = copy_run(base, tmp_path / "run", ALL_FIT)
+    chunk = run / "sketches.zarr" / "train" / "c" / "2" / "0"
+    if damage == "deleted":
+        chunk.unlink()
+    else:
+        shutil.copyfile(run / "sketches.zarr" / "train" / "c" / "3" / "0", chunk)
+    for stage in ("fit-surrogate", "select", "score"):
+        code, _, err = grasp(stage, "-c", CONFIG, "--run", run, "--force")
+        assert code == 2, (stage, err)
+        line = one_line_error(err)
+        assert str(chunk) in line and "corrupt chunk" in line, line
+        assert ("file missing" if damage == "deleted" else "not the data written") in line
+    status = ok("status", "-c", CONFIG, "--run", run)
+    sketch_line = next(line for line in status.splitlines() if line.strip().startswith("sketches"))
+    assert "DAMAGED" in sketch_line and str(chunk) in sketch_line
+    assert "corpus     ok" in status  # the rest of the run is still reported
+    ok("sketch", "-c", CONFIG, "--run", run, "--force")  # the fix the message names works
+    assert "sketches   ok" in ok("status", "-c", CONFIG, "--run", run)
+
+
+def test_deleted_or_altered_retrain_part_is_named(base, tmp_path):
+    run = copy_run(base, tmp_path / "run", ALL_FIT)
+    part = sorted((run / "retrain").glob("part-*.parquet"))[4]
+    part.unlink()
+    code, _, err = grasp("fit-surrogate", "-c", CONFIG, "--run", run)
+    assert code == 2 and f"{part}: missing" in one_line_error(err)
+    shutil.copyfile(sorted((run / "retrain").glob("part-*.parquet"))[0], part)  # another job's rows
+    code, _, err = grasp("fit-surrogate", "-c", CONFIG, "--run", run)
+    assert code == 2 and f"{part}: changed since it was written" in one_line_error(err)
+    assert "retrain    DAMAGED" in ok("status", "-c", CONFIG, "--run", run)
+
+
+# ---------------------------------------------------------------- prepare commits corpus and tasks together
+
+
+def test_prepare_killed_between_corpus_and_tasks_is_refused(base, tmp_path, monkeypatch):
+    import grasp_cli.prepare.stage as prepare_stage
+
+    run = copy_run(base, tmp_path / "run", ("corpus", "tasks"))
+    original = prepare_stage.replace_dir
+    calls = []
+
+    def killed_after_corpus(src, dst):
+        calls.append(dst)
+        if Path(dst).name == "tasks":
+            raise KeyboardInterrupt  # stands in for SIGKILL between the two swaps
+        return original(src, dst)
+
+    monkeypatch.setattr(prepare_stage, "replace_dir", killed_after_corpus)
+    code, _, _ = grasp(
+        "prepare", "-c", CONFIG, "--run", run, "--set", 'prepare.holdout_domains=["docs", "http"]'
+    )
+    assert code == 130 and [Path(c).name for c in calls] == ["corpus", "tasks"]
+    monkeypatch.setattr(prepare_stage, "replace_dir", original)
+    # the new corpus (docs + http held out) sits beside the old tasks (docs + email)
+    code, _, err = grasp("sketch", "-c", CONFIG, "--run", run)
+    assert code == 2 and "come from different `grasp prepare` runs" in one_line_error(err)
+    assert "different `grasp prepare` runs" in ok("status", "-c", CONFIG, "--run", run)
+    ok("prepare", "-c", CONFIG, "--run", run)
+    assert "corpus     ok" in ok("status", "-c", CONFIG, "--run", run)
+
+
+# ---------------------------------------------------------------- a damaged manifest can be rebuilt
+
+
+def test_truncated_manifest_is_rebuilt_by_its_stage_with_force(base, tmp_path):
+    run = copy_run(base, tmp_path / "run", ALL_FIT)
+    manifest = run / "retrain" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    for stage in ("fit-surrogate", "retrain-subsets"):
+        code, _, err = grasp(stage, "-c", CONFIG, "--run", run)
+        line = one_line_error(err)
+        assert code == 2 and f"{manifest}: corrupt manifest" in line
+        assert "rebuild it with `grasp retrain-subsets --force`" in line
+    status = ok("status", "-c", CONFIG, "--run", run)
+    assert "retrain    DAMAGED" in status and "sketches   ok" in status
+    before = (run / "reference" / "model.pt").read_bytes()
+    ok("retrain-subsets", "-c", CONFIG, "--run", run, "--force")
+    assert (run / "reference" / "model.pt").read_bytes() == before  # θ0 is not retrained
+    assert result_rows(run / "retrain") == result_rows(base / "retrain")
+    ok("fit-surrogate", "-c", CONFIG, "--run", run)
+    assert "DAMAGED" not in ok("status", "-c", CONFIG, "--run", run)
+
+
+# ---------------------------------------------------------------- debris of killed writes
+
+
+def test_each_stage_sweeps_its_own_debris_and_nothing_else(base, tmp_path):
+    run = copy_run(base, tmp_path / "run", ALL_FIT)
+    debris = {
+        name: run / f".{name}.tmp-0123abcd"
+        for name in ("reference", "surrogate", "selection", "report", "corpus", "tasks")
+    }
+    for path in debris.values():
+        path.mkdir()
+        (path / "half-written").write_text("x")
+    (run / ".tasks.old-89abcdef").mkdir()
+    foreign = [run / ".notes.tmp-0123abcd", run / "mine.tmp-0123abcd"]
+    for path in foreign:
+        path.write_text("the user's")
+    ok("sketch", "-c", CONFIG, "--run", run, "--force")
+    assert not debris["reference"].exists()
+    ok("fit-surrogate", "-c", CONFIG, "--run", run)
+    ok("select", "-c", CONFIG, "--run", run)
+    ok("report", "-c", CONFIG, "--run", run)
+    assert not any(debris[n].exists() for n in ("surrogate", "selection", "report"))
+    ok("prepare", "-c", CONFIG, "--run", run)
+    assert not debris["corpus"].exists() and not debris["tasks"].exists()
+    assert not (run / ".tasks.old-89abcdef").exists()
+    assert all(path.read_text() == "the user's" for path in foreign)
+
+
+def test_prepare_into_a_folder_that_is_not_a_run_touches_nothing_of_it(tmp_path):
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    theirs = [folder / ".cache.tmp-0123abcd", folder / ".x.old-89abcdef", folder / "data.csv"]
+    for path in theirs:
+        path.write_text("theirs")
+    ok("prepare", "-c", CONFIG, "--run", folder)
+    assert all(path.read_text() == "theirs" for path in theirs)

@@ -35,6 +35,15 @@ from grasp_cli.sketch.gradients import linear_signals, linear_sites, per_example
 SEQ = 8
 
 
+
+def assert_float32_close(actual, expected, rtol: float = 1e-4) -> None:
+    """Float32 sketches from two code paths (vmap vs loop, batch of 3 vs 8) agree to rounding:
+    relative error ~1e-6 per element, but an element near 0 is a sum whose rounding error
+    scales with the *array's* magnitude, so the absolute tolerance is relative to that."""
+    expected = np.asarray(expected)
+    scale = float(np.abs(expected).max()) or 1.0
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=1e-5 * scale)
+
 def tiny_lm(seed: int = 0) -> ModelBundle:
     """1-layer, width-16 byte LM with weights perturbed away from init so every layer has gradient."""
     bundle = build_model(
@@ -169,7 +178,7 @@ def test_dense_and_sparse_sketch_is_explicit_matrix_times_gradient(kind):
     sketcher = Sketcher(bundle, section(kind, k=64), seed=11)
     matrix, order = explicit_matrix(sketcher)
     expected = loop_gradients(bundle, batch, order) @ matrix.T
-    np.testing.assert_allclose(sketcher.sketch_batch(batch), expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert_float32_close(sketcher.sketch_batch(batch), expected.numpy())
     if kind == "sjlt":  # nnz non-zeros per column, each ±1/sqrt(nnz), in distinct rows
         nonzero = matrix != 0
         assert torch.all(nonzero.sum(0) == 4)
@@ -190,7 +199,7 @@ def test_kronecker_equals_final_map_times_blockdiag_kron_on_materialized_gradien
     assert sketcher.dense_names == ["tok_emb.weight", "ln_f.weight"]  # fall back to dense Gaussian
     matrix, order = explicit_matrix(sketcher)
     expected = loop_gradients(bundle, batch, order) @ matrix.T
-    np.testing.assert_allclose(sketcher.sketch_batch(batch), expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert_float32_close(sketcher.sketch_batch(batch), expected.numpy())
 
 
 def test_kronecker_on_an_mlp_with_two_dimensional_linear_inputs():
@@ -201,7 +210,7 @@ def test_kronecker_on_an_mlp_with_two_dimensional_linear_inputs():
     assert sketcher.dense_names == []
     matrix, order = explicit_matrix(sketcher)
     expected = loop_gradients(bundle, batch, order) @ matrix.T
-    np.testing.assert_allclose(sketcher.sketch_batch(batch), expected.numpy(), rtol=1e-4, atol=1e-6)
+    assert_float32_close(sketcher.sketch_batch(batch), expected.numpy())
 
 
 def test_kronecker_with_empty_globs_sketches_exactly_the_linear_layers():
@@ -286,7 +295,7 @@ def test_a_rescaled_prefix_is_exactly_the_smaller_sketch(kind):
     batch = tokens(4)
     big = Sketcher(bundle, section(kind, k=128), seed=9).sketch_batch(batch)
     small = Sketcher(bundle, section(kind, k=32), seed=9).sketch_batch(batch)
-    np.testing.assert_allclose(take_prefix(big, 32), small, rtol=1e-4, atol=1e-6)
+    assert_float32_close(take_prefix(big, 32), small)
 
 
 def test_sjlt_prefix_is_a_jl_sketch():
@@ -313,9 +322,9 @@ def test_rows_do_not_depend_on_batch_composition(kind):
     parts = [order[:3], order[3:8]]
     pieces = [sketcher.sketch_batch({"tokens": batch["tokens"][idx]}) for idx in parts]
     shuffled = np.concatenate(pieces)[np.argsort(order.numpy())]
-    np.testing.assert_allclose(shuffled, whole, rtol=1e-5, atol=1e-6)
+    assert_float32_close(shuffled, whole, rtol=1e-5)
     single = sketcher.sketch_batch({"tokens": batch["tokens"][6:7]})
-    np.testing.assert_allclose(single[0], whole[6], rtol=1e-5, atol=1e-6)
+    assert_float32_close(single[0], whole[6], rtol=1e-5)
 
 
 def test_sketches_are_deterministic_in_the_seed():
@@ -343,10 +352,8 @@ def test_task_residual_is_minus_projected_mean_gradient(kind):
     splits = [slice(0, 5), slice(5, 7), slice(7, 8)]  # unequal batches: weights by batch size
     residual = sketcher.task_residual({"tokens": batch["tokens"][s]} for s in splits)
     assert residual.dtype == np.float32 and residual.shape == (64,)
-    np.testing.assert_allclose(residual, expected.numpy(), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(
-        residual, -sketcher.sketch_batch(batch).mean(0), rtol=1e-4, atol=1e-6
-    )
+    assert_float32_close(residual, expected.numpy())
+    assert_float32_close(residual, -sketcher.sketch_batch(batch).mean(0))
 
 
 # ---------------------------------------------------------------- configuration

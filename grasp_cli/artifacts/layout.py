@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from grasp_cli.errors import UsageError
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_safe_name(name: str, what: str) -> str:
+    """``name`` if it can be a file name inside the run (a task's ``tasks/<name>.parquet``):
+    letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit, at most 128
+    characters: no separators, no ``..``, no hidden or absolute names. Else a UsageError."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise UsageError(
+            f"{what} {name!r} cannot be a file name: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit (no '/', no '..')"
+        )
+    return name
+
 
 # artifact name -> (stage that writes it, config sections it depends on, artifacts it reads)
 ARTIFACTS: dict[str, tuple[str, list[str], list[str]]] = {

@@ -23,7 +23,7 @@ from grasp_cli.artifacts.layout import ARTIFACTS, RunLayout
 from grasp_cli.config import GraspConfig, sections_hash, semantic_section
 from grasp_cli.errors import InputError, StaleError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -97,17 +97,85 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     )
 
 
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "artifact": str,
+    "stage": str,
+    "config_hash": str,
+    "config": dict,
+    "inputs": dict,
+    "seeds": dict,
+    "content": str,
+    "extra": dict,
+    "complete": bool,
+    "schema_version": int,
+    "package_version": str,
+    "created": str,
+    "fingerprint": str,
+}
+
+
+class CorruptManifestError(InputError):
+    """A ``manifest.json`` that cannot be trusted: unreadable, not JSON, or fields of the wrong type."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = Path(path)
+        stage = stage_of_folder(self.path.parent)
+        fix = f"rebuild it with `grasp {stage} --force`" if stage else "rebuild the artifact"
+        super().__init__(f"{self.path}: corrupt manifest ({reason}); {fix}")
+
+
+def stage_of_folder(folder: Path) -> str | None:
+    """The stage that writes the artifact folder ``folder`` (by its name in a run), if any."""
+    for name, (stage, _, _) in ARTIFACTS.items():
+        if RunLayout(Path(folder).parent).path(name).name == Path(folder).name:
+            return stage
+    return None
+
+
 def read_manifest(folder: Path) -> Manifest | None:
+    """The manifest of an artifact folder; None when there is none (missing or unfinished).
+
+    Every field is type-checked (``"complete": "false"`` is not ``False``): a manifest that is
+    not exactly what grasp writes raises ``CorruptManifestError`` instead of being half-trusted.
+    """
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         return None
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        return Manifest(**raw)
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise InputError(
-            f"{path}: corrupt manifest ({exc}); rerun the stage that made it"
-        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptManifestError(path, f"not JSON: {exc}") from None
+    except OSError as exc:
+        raise CorruptManifestError(path, f"unreadable: {exc.strerror}") from None
+    if not isinstance(raw, dict):
+        raise CorruptManifestError(path, "not a JSON object")
+    unknown = sorted(set(raw) - set(_FIELD_TYPES))
+    if unknown:
+        raise CorruptManifestError(path, f"unknown fields {unknown}")
+    for name, expected in _FIELD_TYPES.items():
+        if name not in raw:
+            if name in ("artifact", "stage", "config_hash", "config", "inputs", "fingerprint"):
+                raise CorruptManifestError(path, f"missing field {name!r}")
+            continue
+        value = raw[name]
+        wrong_bool = expected is int and isinstance(value, bool)
+        if not isinstance(value, expected) or wrong_bool:
+            raise CorruptManifestError(
+                path,
+                f"field {name!r} is {type(value).__name__} {value!r:.40}, expected {expected.__name__}",
+            )
+    return Manifest(**raw)
+
+
+def read_manifest_or_none(folder: Path, *, force: bool) -> Manifest | None:
+    """For the stage that *rebuilds* ``folder``: its manifest, or None when it is corrupt and
+    ``force`` says to rebuild; without ``force`` a corrupt manifest is an error saying so."""
+    try:
+        return read_manifest(folder)
+    except CorruptManifestError:
+        if force:
+            return None
+        raise
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -169,7 +237,46 @@ def require(
     reason = staleness(layout, artifact, config) if check_config else None
     if reason and not force:
         raise StaleError(f"stale: {reason}; rerun `grasp {stage}` or pass --force to use it anyway")
+    if artifact in PREPARED_PAIR:
+        check_prepared_pair(layout)
     return manifest
+
+
+PREPARED_PAIR = ("corpus", "tasks")
+
+
+def check_prepared_pair(layout: RunLayout) -> None:
+    """Corpus and tasks must come from the same ``grasp prepare`` run.
+
+    prepare writes one ``prepare_id`` into both manifests before it swaps either folder in;
+    a prepare killed between the two swaps leaves ids that differ (or a folder missing), which
+    would otherwise pair a new corpus with the old tasks (held-out documents inside the corpus).
+    """
+    manifests = {name: read_manifest(layout.path(name)) for name in PREPARED_PAIR}
+    if any(m is None for m in manifests.values()):
+        return  # the missing one is reported by whoever requires it
+    ids = {name: m.extra.get("prepare_id") for name, m in manifests.items()}
+    if ids["corpus"] != ids["tasks"]:
+        raise InputError(
+            f"{layout.corpus} and {layout.tasks} come from different `grasp prepare` runs "
+            "(was one interrupted?); rerun `grasp prepare`"
+        )
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the relative paths and bytes of every file in an artifact folder, except its
+    manifest and bookkeeping (``_done/``): the ``content`` of artifacts written whole."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        if relative == MANIFEST_NAME or relative.startswith("_done/"):
+            continue
+        digest.update(relative.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:20]
 
 
 def file_digest(paths: list[Path]) -> str:

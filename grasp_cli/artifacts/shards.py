@@ -35,10 +35,10 @@ class ShardSpec:
 def resolve_shard(index: int | None, count: int | None) -> ShardSpec:
     """Flags win; otherwise SLURM array variables; otherwise the whole job (0 of 1)."""
     if index is None and count is None and "SLURM_ARRAY_TASK_ID" in os.environ:
-        task_id = int(os.environ["SLURM_ARRAY_TASK_ID"])
-        task_min = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        step = int(os.environ.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
-        count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
+        task_id = _slurm_int("SLURM_ARRAY_TASK_ID", None)
+        task_min = _slurm_int("SLURM_ARRAY_TASK_MIN", 0)
+        step = _slurm_int("SLURM_ARRAY_TASK_STEP", 1) or 1
+        count = _slurm_int("SLURM_ARRAY_TASK_COUNT", 1)
         offset = task_id - task_min
         if offset % step:
             raise UsageError(
@@ -53,6 +53,21 @@ def resolve_shard(index: int | None, count: int | None) -> ShardSpec:
             "(SLURM arrays: submit a contiguous --array=0-(N-1))"
         )
     return ShardSpec(index, count)
+
+
+def _slurm_int(name: str, default: int | None) -> int:
+    """An integer SLURM variable (``default`` when unset or empty); anything else is a usage error."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        if default is None:
+            raise UsageError(f"{name} is set but empty; unset it or run inside a SLURM array")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(
+            f"{name}={raw!r} is not an integer; unset it or run inside a SLURM array"
+        ) from None
 
 
 def owned_units(num_units: int, shard: ShardSpec) -> range:
@@ -91,3 +106,10 @@ class UnitMarkers:
     def missing(self, num_units: int) -> list[int]:
         done = self.done_units()
         return [unit for unit in range(num_units) if unit not in done]
+
+    def info(self, unit: int) -> dict:
+        """What ``mark_done`` recorded for ``unit`` ({} for an unreadable marker)."""
+        try:
+            return json.loads(self._path(unit).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}

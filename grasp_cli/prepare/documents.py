@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import math
 import os
 import re
 import sysconfig
@@ -48,27 +49,52 @@ class Document:
     source: str  # "file" or "file:line", for error messages
 
 
+def walk_files(root: Path) -> list[Path]:
+    """Files under ``root``, following symlinked folders but visiting each real folder once
+    (a symlink loop ends instead of repeating files until the OS refuses the path)."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        try:
+            info = os.stat(folder)
+        except OSError:
+            dirs[:] = []
+            continue
+        key = (info.st_dev, info.st_ino)
+        if key in seen:
+            dirs[:] = []
+            continue
+        seen.add(key)
+        dirs.sort()
+        found += [Path(folder) / name for name in sorted(files)]
+    return [p for p in found if p.is_file()]
+
+
 def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Files named by paths, folders (searched recursively) or globs; sorted, each once."""
+    """Files named by paths, folders (searched recursively) or globs; sorted, each file once
+    (by its resolved path: a file reached twice through symlinks is read once)."""
     files: list[Path] = []
+    seen: set[Path] = set()
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            matches = [
-                p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix in TEXT_SUFFIXES
-            ]
+            matches = [p for p in walk_files(path) if p.suffix in TEXT_SUFFIXES]
         elif path.is_file():
             matches = [path]
         else:
-            matches = [
-                Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()
-            ]
+            try:
+                hits = sorted(glob.glob(pattern, recursive=True))
+            except OSError as exc:  # a path too deep through a symlink loop
+                raise InputError(f"{pattern}: cannot expand ({exc.strerror})") from None
+            matches = [Path(p) for p in hits if Path(p).is_file()]
         if not matches:
             raise InputError(f"{pattern}: no input files found")
         for match in matches:
             if match.suffix not in TEXT_SUFFIXES:
                 raise InputError(f"{match}: unsupported file type (use .txt, .jsonl or .parquet)")
-            if match not in files:
+            real = match.resolve()
+            if real not in seen:
+                seen.add(real)
                 files.append(match)
     return files
 
@@ -79,7 +105,7 @@ def _read_text(path: Path) -> str:
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark is encoding, not text
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise InputError(f"{path}:{line}: not valid UTF-8 (byte {exc.start})") from None
@@ -105,9 +131,10 @@ def read_documents(path: Path) -> Iterator[Document]:
             raise InputError(
                 f"{path}: missing column 'text' (has: {', '.join(table.column_names)})"
             )
-        if not pa.types.is_string(table.schema.field("text").type) and not pa.types.is_large_string(
-            table.schema.field("text").type
-        ):
+        text_type = table.schema.field("text").type
+        if pa.types.is_dictionary(text_type):  # a normal Arrow encoding of repeated strings
+            text_type = text_type.value_type
+        if not pa.types.is_string(text_type) and not pa.types.is_large_string(text_type):
             raise InputError(
                 f"{path}: column 'text' has type {table.schema.field('text').type}, expected string"
             )
@@ -124,8 +151,29 @@ def _record_document(record: object, path: Path, where: str, default_id: str) ->
     if not isinstance(text, str):
         raise InputError(f"{where}: field 'text' must be a string")
     domain = record.get("domain") or path.stem
-    doc_id = record.get("id", default_id)
-    return Document(str(doc_id), str(domain), text, where)
+    return Document(document_id(record.get("id"), where, default_id), str(domain), text, where)
+
+
+def document_id(raw: object, where: str, default: str) -> str:
+    """A document id as text. The rule: a missing or null id is ``default`` (``<file stem>-<line
+    or row>``); a string is itself (non-empty); an integer, or a float with an integral value,
+    is its integer text (so ``1``, ``1.0`` and ``"1"`` are the same id, and a duplicate);
+    anything else (``1.5``, booleans, lists) is an error."""
+    if raw is None:
+        return default
+    if isinstance(raw, bool):
+        raise InputError(f"{where}: id {raw!r} must be a string or an integer")
+    if isinstance(raw, int):
+        return str(raw)
+    if isinstance(raw, float):
+        if math.isfinite(raw) and raw == math.floor(raw):
+            return str(int(raw))
+        raise InputError(f"{where}: id {raw!r} must be a string or an integer")
+    if isinstance(raw, str):
+        if not raw:
+            raise InputError(f"{where}: id is an empty string")
+        return raw
+    raise InputError(f"{where}: id {raw!r} must be a string or an integer")
 
 
 def load_documents(patterns: list[str]) -> list[Document]:

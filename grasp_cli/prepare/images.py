@@ -38,6 +38,7 @@ from grasp_cli.artifacts.layout import RunLayout
 from grasp_cli.artifacts.tables import read_table
 from grasp_cli.config import GraspConfig
 from grasp_cli.errors import ConfigError, InputError
+from grasp_cli.prepare.documents import walk_files
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIXES = (".npz", ".parquet")
@@ -76,7 +77,7 @@ class ImageRecord:
 def _candidates(pattern: str) -> Iterator[Path]:
     path = Path(pattern)
     if path.is_dir():
-        yield from (p for p in sorted(path.rglob("*")) if p.is_file())
+        yield from walk_files(path)
     elif path.is_file():
         yield path
     else:
@@ -128,8 +129,8 @@ def expand_image_inputs(patterns: list[str]) -> list[tuple[Path, Path | None]]:
                     f"{match}: not an image input (use .png, .jpg, .jpeg, .npz or .parquet; "
                     "prepare text and images in separate runs)"
                 )
-            if match not in seen:
-                seen.add(match)
+            if match.resolve() not in seen:
+                seen.add(match.resolve())
                 found.append((match, root))
     return found
 
@@ -641,6 +642,15 @@ def load_image_inputs(
         raise InputError(
             "prepare: no inputs; give image files/folders/globs, or prepare.demo_images"
         )
+    from grasp_cli.prepare.stage import check_no_shared_files
+
+    check_no_shared_files(
+        [path for path, _ in expand_image_inputs(section.inputs)],
+        {
+            name: [path for path, _ in expand_image_inputs([pattern])]
+            for name, pattern in section.tasks.items()
+        },
+    )
     corpus_records = load_image_records(section.inputs)
     task_records = {
         name: load_image_records([pattern]) for name, pattern in sorted(section.tasks.items())

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import shutil
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from grasp_cli.artifacts.atomic import atomic_dir, sweep_debris
-from grasp_cli.artifacts.examples import Examples, write_examples
-from grasp_cli.artifacts.layout import RunLayout
-from grasp_cli.artifacts.manifest import build_manifest, file_digest, write_manifest
+from grasp_cli.artifacts.atomic import (
+    _tmp_name,
+    creation_lock,
+    replace_dir,
+    sweep_debris,
+    writing,
+)
+from grasp_cli.artifacts.examples import Examples, examples_to_table, write_examples
+from grasp_cli.artifacts.layout import RunLayout, check_safe_name
+from grasp_cli.artifacts.manifest import build_manifest, folder_digest, write_manifest
+from grasp_cli.artifacts.tables import write_table
 from grasp_cli.config import GraspConfig
-from grasp_cli.errors import InputError
+from grasp_cli.errors import InputError, UsageError
 from grasp_cli.prepare.documents import (
     Document,
     default_demo_holdout,
     demo_documents,
+    expand_inputs,
     load_documents,
 )
 from grasp_cli.prepare.images import inputs_are_images
@@ -109,8 +121,14 @@ def run_prepare(config: GraspConfig, layout: RunLayout) -> PrepareSummary:
     if section.max_docs_per_domain > 0:
         documents = _cap_documents(documents, section.max_docs_per_domain, seed)
     documents, held = split_holdout(documents, holdout, section.holdout_fraction, seed)
+    if not section.demo:
+        check_no_shared_files(
+            expand_inputs(section.inputs),
+            {name: expand_inputs([pattern]) for name, pattern in section.tasks.items()},
+        )
     for name, patterns in section.tasks.items():
         held[name] = load_documents([patterns])
+    warn_verbatim_overlap(documents, held)
     if not held:
         raise InputError("prepare: no target tasks; give --task NAME=PATH or --holdout-domains")
 
@@ -157,50 +175,96 @@ def write_prepared(
     seed: int,
     extra: dict | None = None,
 ) -> None:
-    """Write corpus and tasks folders atomically; manifests last, so nothing half-done looks complete.
+    """Write corpus and tasks as one commit; manifests last, so nothing half-done looks complete.
 
-    ``extra`` is added to the corpus manifest (e.g. an image corpus's class names)."""
+    Both folders are built in full beside the run first; both manifests carry one
+    ``prepare_id`` (a digest of both contents); only then are they swapped in, corpus first.
+    A prepare killed between the two swaps leaves ids that differ, which every reader refuses
+    (``manifest.check_prepared_pair``): a new corpus is never paired with old tasks. Only this
+    stage's own debris (``.corpus.tmp-*``, ``.tasks.old-*``, ...) is swept from the run folder.
+    ``extra`` is added to the corpus manifest (e.g. an image corpus's class names).
+    """
     layout.root.mkdir(parents=True, exist_ok=True)
-    sweep_debris(layout.root)
     section = config.prepare
-    extra_fields = dict(extra or {})
-    with atomic_dir(layout.corpus) as folder:
-        paths = write_examples(folder, corpus, section.shard_rows, section.row_group_rows)
-        extra = {"rows": len(corpus), "kind": "image" if corpus.is_image else "tokens"}
-        if "tokens" in corpus.fields:
-            extra["seq_len"] = int(corpus.fields["tokens"].shape[1] - 1)
-        else:
-            extra["image_shape"] = list(corpus.fields["image"].shape[1:])
-            extra["num_classes"] = int(corpus.fields["label"].max()) + 1
-        extra.update(extra_fields)
-        write_manifest(
-            folder,
-            build_manifest(
-                layout,
-                "corpus",
-                config,
-                seeds={"prepare": seed},
-                content=file_digest(paths),
-                extra=extra,
-            ),
-        )
-    with atomic_dir(layout.tasks) as folder:
-        from grasp_cli.artifacts.examples import examples_to_table
-        from grasp_cli.artifacts.tables import write_table
+    corpus_extra = {"rows": len(corpus), "kind": "image" if corpus.is_image else "tokens"}
+    if "tokens" in corpus.fields:
+        corpus_extra["seq_len"] = int(corpus.fields["tokens"].shape[1] - 1)
+    else:
+        corpus_extra["image_shape"] = list(corpus.fields["image"].shape[1:])
+        corpus_extra["num_classes"] = int(corpus.fields["label"].max()) + 1
+    corpus_extra.update(extra or {})
+    with creation_lock(layout.corpus):
+        sweep_debris(layout.root, [layout.corpus.name, layout.tasks.name])
+        corpus_tmp, tasks_tmp = _tmp_name(layout.corpus), _tmp_name(layout.tasks)
+        try:
+            with writing(layout.corpus):
+                corpus_tmp.mkdir()
+                corpus_paths = write_examples(
+                    corpus_tmp, corpus, section.shard_rows, section.row_group_rows
+                )
+            with writing(layout.tasks):
+                tasks_tmp.mkdir()
+                task_paths = []
+                for name, examples in tasks.items():
+                    path = tasks_tmp / f"{check_safe_name(name, 'task name')}.parquet"
+                    write_table(path, examples_to_table(examples), section.row_group_rows)
+                    task_paths.append(path)
+            del corpus_paths, task_paths
+            corpus_digest, tasks_digest = folder_digest(corpus_tmp), folder_digest(tasks_tmp)
+            prepare_id = hashlib.sha256(f"{corpus_digest}:{tasks_digest}".encode()).hexdigest()[:20]
+            write_manifest(
+                corpus_tmp,
+                build_manifest(
+                    layout,
+                    "corpus",
+                    config,
+                    seeds={"prepare": seed},
+                    content=corpus_digest,
+                    extra={**corpus_extra, "prepare_id": prepare_id},
+                ),
+            )
+            write_manifest(
+                tasks_tmp,
+                build_manifest(
+                    layout,
+                    "tasks",
+                    config,
+                    seeds={"prepare": seed},
+                    content=tasks_digest,
+                    extra={
+                        "tasks": {k: len(v) for k, v in tasks.items()},
+                        "prepare_id": prepare_id,
+                    },
+                ),
+            )
+            replace_dir(corpus_tmp, layout.corpus)
+            replace_dir(tasks_tmp, layout.tasks)
+        finally:
+            for tmp in (corpus_tmp, tasks_tmp):
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
 
-        paths = []
-        for name, examples in tasks.items():
-            path = folder / f"{name}.parquet"
-            write_table(path, examples_to_table(examples), section.row_group_rows)
-            paths.append(path)
-        write_manifest(
-            folder,
-            build_manifest(
-                layout,
-                "tasks",
-                config,
-                seeds={"prepare": seed},
-                content=file_digest(paths),
-                extra={"tasks": {k: len(v) for k, v in tasks.items()}},
-            ),
-        )
+
+def check_no_shared_files(corpus_files: list[Path], task_files: dict[str, list[Path]]) -> None:
+    """A file that is both a corpus input and a task's input is target leakage: refuse it."""
+    corpus = {path.resolve(): path for path in corpus_files}
+    for name, files in task_files.items():
+        for path in files:
+            if path.resolve() in corpus:
+                raise UsageError(
+                    f"--task {name}: {path} is also a corpus input: its documents would be trained "
+                    "on and scored as the target (target leakage); take it out of the corpus inputs"
+                )
+
+
+def warn_verbatim_overlap(corpus: list[Document], held: dict[str, list[Document]]) -> None:
+    """Warn when a task document's text also appears, verbatim, in the corpus (leakage)."""
+    corpus_texts = {hashlib.sha1(d.text.encode()).digest() for d in corpus}
+    for name, documents in sorted(held.items()):
+        shared = sum(hashlib.sha1(d.text.encode()).digest() in corpus_texts for d in documents)
+        if shared:
+            print(
+                f"warning: {shared} of {len(documents)} documents of task {name!r} also appear "
+                "verbatim in the corpus (target leakage: its loss will look better than it is)",
+                file=sys.stderr,
+            )

@@ -9,8 +9,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from grasp_cli.artifacts.atomic import atomic_dir
-from grasp_cli.artifacts.manifest import build_manifest, read_manifest, require, write_manifest
+from grasp_cli.artifacts.atomic import artifact_dir
+from grasp_cli.artifacts.manifest import (
+    build_manifest,
+    folder_digest,
+    read_manifest,
+    require,
+    write_manifest,
+)
 from grasp_cli.artifacts.tables import read_table
 from grasp_cli.context import StageContext
 from grasp_cli.report import plots
@@ -89,7 +95,7 @@ def run_report(ctx: StageContext) -> str:
     have_plots = plots.available()
     sections: list[str] = []
 
-    with atomic_dir(layout.report) as out:
+    with artifact_dir(layout.report) as out:
         pivot, columns = evaluation_pivot(evaluation)
         mean_rows = [r for r in evaluation.to_pylist() if r["task"] == "mean"]
         full = {}
@@ -229,7 +235,9 @@ def run_report(ctx: StageContext) -> str:
             ),
         )
         (out / "index.html").write_text(page, encoding="utf-8")
-        write_manifest(out, build_manifest(layout, "report", ctx.config))
+        write_manifest(
+            out, build_manifest(layout, "report", ctx.config, content=folder_digest(out))
+        )
     return f"report: {layout.report / 'index.html'}"
 
 

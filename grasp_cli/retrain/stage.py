@@ -19,11 +19,11 @@ import zarr
 from tqdm import tqdm
 
 from grasp_cli.artifacts.examples import Examples, read_examples, read_tasks
-from grasp_cli.artifacts.manifest import require
+from grasp_cli.artifacts.manifest import file_digest, require
 from grasp_cli.artifacts.sharded import finish_if_complete, open_sharded
 from grasp_cli.artifacts.shards import UnitMarkers, owned_units
 from grasp_cli.artifacts.tables import read_table, write_table
-from grasp_cli.artifacts.zarr_io import CheckedGroup, open_group_read
+from grasp_cli.artifacts.zarr_io import CheckedGroup, chunk_digests, open_group_read
 from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError
 from grasp_cli.reference import data_shape_of, ensure_reference, new_bundle
@@ -79,8 +79,8 @@ def ensure_subsets(ctx: StageContext, corpus: Examples) -> CheckedGroup:
         given_path=section.given,
     )
 
-    def skeleton(folder: Path) -> None:
-        write_subsets_group(folder, plan, len(corpus), names)
+    def skeleton(folder: Path) -> dict[str, dict[str, str]]:
+        return write_subsets_group(folder, plan, len(corpus), names)
 
     manifest = open_sharded(
         ctx,
@@ -94,7 +94,10 @@ def ensure_subsets(ctx: StageContext, corpus: Examples) -> CheckedGroup:
     return open_group_read(ctx.layout.subsets, "retrain-subsets")
 
 
-def write_subsets_group(folder: Path, plan, n_rows: int, domain_names: list[str]) -> None:
+def write_subsets_group(
+    folder: Path, plan, n_rows: int, domain_names: list[str]
+) -> dict[str, dict[str, str]]:
+    """Write ``subsets.zarr``; returns the chunk digests of its arrays (for the manifest)."""
     group = zarr.open_group(str(folder), mode="w")
     membership = np.asarray(plan.membership, dtype=np.uint8)
     group.create_array(
@@ -110,6 +113,7 @@ def write_subsets_group(folder: Path, plan, n_rows: int, domain_names: list[str]
     group.attrs.update(
         {"n": n_rows, "m": len(plan.sizes), "domains": domain_names, "bitorder": "big"}
     )
+    return {name: chunk_digests(array) for name, array in group.arrays()}
 
 
 def subset_rows(group: CheckedGroup, subset_id: int, n_rows: int) -> np.ndarray:
@@ -206,10 +210,11 @@ def train_jobs(
                 config.retrain.eval_batch_size,
                 device=ctx.device,
             )
-            write_table(
-                folder / f"part-{unit:06d}.parquet", _result_table(job, metrics, recipe.steps, wall)
+            part = folder / f"part-{unit:06d}.parquet"
+            write_table(part, _result_table(job, metrics, recipe.steps, wall))
+            markers.mark_done(
+                unit, subset_id=job.subset_id, seed=job.seed, files={part.name: file_digest([part])}
             )
-            markers.mark_done(unit, subset_id=job.subset_id, seed=job.seed)
         bar.update(len(group_jobs))
     bar.close()
     elapsed = time.perf_counter() - started
@@ -258,10 +263,22 @@ def _result_table(
 
 
 def read_results(folder: Path) -> pa.Table:
-    """All parts of a finished retrain (or curation) artifact as one table."""
-    parts = sorted(Path(folder).glob("part-*.parquet"))
+    """All parts of a finished retrain (or curation) artifact as one table.
+
+    Each part is checked against the digest its job recorded: a deleted, foreign or altered
+    part is an error naming it, never a silently smaller table.
+    """
+    from grasp_cli.artifacts.manifest import read_manifest
+    from grasp_cli.artifacts.sharded import verify_files
+
+    manifest = read_manifest(folder)
+    stage = "retrain-subsets --curation" if Path(folder).name == "curation" else "retrain-subsets"
+    if manifest is not None and manifest.complete:
+        parts = verify_files(folder, manifest, "part-*.parquet", f"rerun `grasp {stage} --force`")
+    else:
+        parts = sorted(Path(folder).glob("part-*.parquet"))
     if not parts:
-        raise InputError(f"{folder}: no results; run `grasp retrain-subsets` first")
+        raise InputError(f"{folder}: no results; run `grasp {stage}` first")
     return pa.concat_tables([read_table(p) for p in parts])
 
 

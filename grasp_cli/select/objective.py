@@ -343,11 +343,17 @@ def objective_from_bootstrap(
 # ---------------------------------------------------------------- budget and caps
 
 
-def budget_count(budget: float, n: int) -> int:
-    """``select.budget`` as a count: ``budget`` itself when >= 1, else ``round(budget · n)`` (>= 1)."""
-    if budget <= 0:
-        raise InputError("select.budget must be positive")
-    count = int(round(budget)) if budget >= 1 else max(1, int(round(budget * n)))
+def budget_count(budget: int | float, n: int) -> int:
+    """``select.budget`` as a count: an integer (or a whole float above 1) is the count itself;
+    a float in (0, 1] is a fraction of ``n``, ``max(1, round(budget · n))``. See
+    ``config.check_budget`` for what is refused (NaN, infinities, ``1.5``, non-positive)."""
+    from grasp_cli.config import check_budget
+
+    check_budget(budget)
+    if isinstance(budget, float) and budget <= 1.0:
+        count = max(1, int(round(budget * n)))
+    else:
+        count = int(budget)
     if count > n:
         raise InputError(
             f"select.budget = {budget} asks for {count} examples but the corpus has {n}"

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from grasp_cli.artifacts.atomic import atomic_dir
-from grasp_cli.artifacts.examples import read_examples, write_examples
-from grasp_cli.artifacts.manifest import build_manifest, require, write_manifest
+from grasp_cli.artifacts.atomic import artifact_dir
+from grasp_cli.artifacts.examples import read_examples
+from grasp_cli.artifacts.manifest import build_manifest, folder_digest, require, write_manifest
 from grasp_cli.artifacts.tables import write_table
 from grasp_cli.artifacts.zarr_io import open_group_read
 from grasp_cli.context import StageContext
@@ -25,6 +25,7 @@ from grasp_cli.select import (
     objective_from_tasks,
     select,
 )
+from grasp_cli.select.export import export_mode, write_export
 from grasp_cli.select.objective import aggregation_scale
 from grasp_cli.surrogate.stage import masked_row_sum
 from grasp_cli.surrogate.store import StoredSurrogate, load_surrogate
@@ -40,6 +41,13 @@ def build_objective(stored: StoredSurrogate, ctx: StageContext, budget: int):
             f"select.task_weights names unknown task(s) {unknown}; tasks: {model.task_names}"
         )
     weights = np.array([section.task_weights.get(name, 1.0) for name in model.task_names])
+    if not np.isfinite(weights).all() or (weights < 0).any():
+        raise InputError(f"select.task_weights must be finite and >= 0, got {section.task_weights}")
+    if not weights.sum() > 0:
+        raise InputError(
+            "select.task_weights gives every task weight 0: nothing to select for; "
+            "give at least one task a positive weight"
+        )
     sigma = np.where(stored.utility_std > 0, stored.utility_std, 1.0)
     scale = aggregation_scale(model.aggregation, budget, sum_scale=1.0 / float(model.n_ref_))
     if section.robust == "bootstrap":
@@ -74,6 +82,8 @@ def run_select(ctx: StageContext, export=None) -> str:
     layout, section = ctx.layout, ctx.config.select
     require(layout, "sketches", ctx.config, force=ctx.force)
     require(layout, "surrogate", ctx.config, force=ctx.force)
+    if export is not None:  # refuse a bad target before any work (and before touching selection/)
+        export_mode(export, layout, ctx.force)
     stored = load_surrogate(layout.surrogate)
     sketches = open_group_read(layout.sketches, "sketch")
     phi = sketches["train"]
@@ -100,7 +110,7 @@ def run_select(ctx: StageContext, export=None) -> str:
         ctx.progress,
     )
     rows = np.asarray(selection.indices)
-    with atomic_dir(layout.selection) as folder:
+    with artifact_dir(layout.selection) as folder:
         table = pa.table(
             {
                 "id": pa.array(ids[rows], pa.int64()),
@@ -148,18 +158,27 @@ def run_select(ctx: StageContext, export=None) -> str:
                     masked_row_sum(phi, np.isin(np.arange(len(ids)), random_rows), objective.dim)
                 )
             )
-        write_manifest(folder, build_manifest(layout, "selection", ctx.config, extra=extra))
+        write_manifest(
+            folder,
+            build_manifest(
+                layout, "selection", ctx.config, content=folder_digest(folder), extra=extra
+            ),
+        )
     message = (
         f"select: {budget} of {len(ids)} examples by {selection.algorithm} "
         f"({selection.passes} passes, converged={selection.converged}), F = {selection.value:.4g}"
     )
     if export is not None:
-        with atomic_dir(export) as folder:
-            write_examples(
-                folder,
-                corpus.take(np.sort(rows)),
-                ctx.config.prepare.shard_rows,
-                ctx.config.prepare.row_group_rows,
-            )
-        message += f"; exported to {export}"
+        mode = write_export(
+            export,
+            layout,
+            corpus.take(np.sort(rows)),
+            force=ctx.force,
+            shard_rows=ctx.config.prepare.shard_rows,
+            row_group_rows=ctx.config.prepare.row_group_rows,
+            provenance={"run": str(layout.root.resolve()), "budget": budget},
+        )
+        message += f"; exported to {export}" + (
+            " (added beside existing files)" if mode == "add" else ""
+        )
     return message + f" -> {layout.selection / 'selected.parquet'}"

@@ -20,7 +20,12 @@ from grasp_cli.artifacts.examples import iter_example_blocks, read_examples, rea
 from grasp_cli.artifacts.manifest import require
 from grasp_cli.artifacts.sharded import finish_if_complete, open_sharded
 from grasp_cli.artifacts.shards import UnitMarkers, owned_units
-from grasp_cli.artifacts.zarr_io import CheckedGroup, open_group_read
+from grasp_cli.artifacts.zarr_io import (
+    CheckedGroup,
+    chunk_digests,
+    open_group_read,
+    row_chunk_digests,
+)
 from grasp_cli.context import StageContext
 from grasp_cli.reference import data_shape_of, ensure_reference, new_bundle
 
@@ -36,7 +41,7 @@ def run_sketch(ctx: StageContext) -> str:
     require(layout, "tasks", config, force=ctx.force)
     corpus = read_examples(layout.corpus)
     bundle = new_bundle(ctx, data_shape_of(corpus))
-    state = ensure_reference(ctx, corpus, bundle)
+    state = ensure_reference(ctx, corpus, bundle, rebuild=ctx.force)
     bundle.module.load_state_dict(state)
     bundle.module.to(ctx.device)
 
@@ -51,7 +56,7 @@ def run_sketch(ctx: StageContext) -> str:
     dtype = config.sketch.dtype
     task_names = sorted(tasks)
 
-    def skeleton(folder: Path) -> None:
+    def skeleton(folder: Path) -> dict[str, dict[str, str]]:
         group = zarr.open_group(str(folder), mode="w")
         group.create_array("train", shape=(n_rows, k), chunks=(chunk, k), dtype=dtype, fill_value=0)
         group.create_array(
@@ -63,6 +68,7 @@ def run_sketch(ctx: StageContext) -> str:
         names = group.create_array("task_names", shape=(len(task_names),), dtype=str)
         names[:] = np.array(task_names)
         group.attrs.update({"sketch": sketcher.describe(), "k": k, "n": n_rows, "dtype": dtype})
+        return {"task_names": chunk_digests(names)}
 
     manifest = open_sharded(
         ctx,
@@ -95,6 +101,7 @@ def run_sketch(ctx: StageContext) -> str:
                 ]
             )
             group["tasks"][:] = residuals.astype(np.float32)
+            digests = {"tasks": chunk_digests(group["tasks"])}
         else:
             start, stop = unit * chunk, min((unit + 1) * chunk, n_rows)
             rows, ids = [], []
@@ -112,8 +119,12 @@ def run_sketch(ctx: StageContext) -> str:
                 )
             group["train"][start:stop] = sketch.astype(dtype)
             group["train_ids"][start:stop] = np.concatenate(ids)
+            digests = {
+                "train": row_chunk_digests(group["train"], start, stop),
+                "train_ids": row_chunk_digests(group["train_ids"], start, stop),
+            }
             done_rows += stop - start
-        markers.mark_done(unit)
+        markers.mark_done(unit, digests=digests)
     bar.close()
     elapsed = time.perf_counter() - started
     complete = finish_if_complete(folder, manifest)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from grasp_cli.artifacts.manifest import require
+from grasp_cli.artifacts.manifest import file_digest, require
 from grasp_cli.artifacts.sharded import finish_if_complete, open_sharded
 from grasp_cli.artifacts.shards import UnitMarkers, owned_units
 from grasp_cli.artifacts.tables import read_table, require_columns, write_table
@@ -76,7 +76,8 @@ def run_score(ctx: StageContext) -> str:
         reference_size = float(mask.sum())
     for unit in todo:
         if unit == n_chunks:
-            write_table(folder / "subsets.parquet", subset_predictions(ctx, model, phi, ids))
+            part = folder / "subsets.parquet"
+            write_table(part, subset_predictions(ctx, model, phi, ids))
         else:
             start, stop = unit * chunk, min((unit + 1) * chunk, n_rows)
             block = np.asarray(phi[start:stop, :k_prime], dtype=np.float64)
@@ -89,8 +90,9 @@ def run_score(ctx: StageContext) -> str:
             )
             tasks = model.task_names
             count = stop - start
+            part = folder / "examples" / f"part-{unit:05d}.parquet"
             write_table(
-                folder / "examples" / f"part-{unit:05d}.parquet",
+                part,
                 pa.table(
                     {
                         "id": pa.array(np.repeat(ids[start:stop], len(tasks)), pa.int64()),
@@ -103,7 +105,7 @@ def run_score(ctx: StageContext) -> str:
                     }
                 ),
             )
-        markers.mark_done(unit)
+        markers.mark_done(unit, files={part.relative_to(folder).as_posix(): file_digest([part])})
     complete = finish_if_complete(folder, manifest)
     left = len(markers.missing(n_chunks + 1))
     return f"score: {len(todo)} parts written; " + (

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from grasp_cli.artifacts.atomic import atomic_dir
+from grasp_cli.artifacts.atomic import artifact_dir
 from grasp_cli.artifacts.examples import read_examples
-from grasp_cli.artifacts.manifest import build_manifest, require, write_manifest
+from grasp_cli.artifacts.manifest import build_manifest, folder_digest, require, write_manifest
 from grasp_cli.artifacts.tables import write_table
 from grasp_cli.artifacts.zarr_io import open_group_read
 from grasp_cli.context import StageContext
@@ -183,7 +183,7 @@ def run_fit_surrogate(ctx: StageContext) -> str:
                     }
                 )
 
-    with atomic_dir(layout.surrogate) as folder:
+    with artifact_dir(layout.surrogate) as folder:
         params = {
             "grasp": model.params(),
             "chosen": {
@@ -229,6 +229,7 @@ def run_fit_surrogate(ctx: StageContext) -> str:
                 layout,
                 "surrogate",
                 config,
+                content=folder_digest(folder),
                 seeds={"folds": fold_seed},
                 extra={"n_fit": int(len(fit_rows)), "n_eval": int(len(eval_rows))},
             ),
