@@ -240,6 +240,17 @@ class GraspConfig:
         digest = hashlib.sha256(f"{self.run.seed}:{salt}".encode()).digest()
         return int.from_bytes(digest[:4], "little")
 
+    def seed(self, name: str) -> int:
+        """The seed of one named random stream: a section's own ``seed`` key when it has one and
+        it is set (>= 0), else derived from ``run.seed`` and the name (see ``derived_seed``).
+
+        Streams: sketch, subsets, retrain (the base training seed), surrogate (folds and
+        bootstrap), reference, model-init, prepare, curation-random, bootstrap-refits.
+        """
+        section = getattr(self, name, None)
+        explicit = getattr(section, "seed", -1) if section is not None else -1
+        return self.derived_seed(explicit, name)
+
 
 # Keys that change how fast a stage runs, never what it computes: left out of artifact hashes.
 NON_SEMANTIC_KEYS = {

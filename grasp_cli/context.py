@@ -1,10 +1,12 @@
-"""What every stage receives: the resolved config, the run layout, and how to run."""
+"""What every stage receives: the resolved config, the run layout, and how to run.
+
+Torch is imported only when a stage asks for a device or threads, so the storage layer and
+``grasp --help`` / ``grasp status`` never pay for it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
 
 from grasp_cli.artifacts.layout import RunLayout
 from grasp_cli.artifacts.shards import ShardSpec
@@ -23,9 +25,13 @@ class StageContext:
     def device(self) -> str:
         device = self.config.run.device
         if device == "auto":
+            import torch
+
             return "cuda" if torch.cuda.is_available() else "cpu"
         return device
 
     def apply_threads(self) -> None:
         if self.config.run.threads > 0:
+            import torch
+
             torch.set_num_threads(self.config.run.threads)

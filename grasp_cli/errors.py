@@ -25,5 +25,8 @@ class StaleError(UsageError):
     """An artifact no longer matches its inputs or config."""
 
 
-class NotImplementedStage(UsageError):
-    """A stage that a later release will fill."""
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when it has none), at most
+    ``limit`` characters: what a one-line error quotes of a library's multi-line message."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

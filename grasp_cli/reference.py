@@ -21,12 +21,11 @@ from grasp_cli.artifacts.manifest import (
     file_digest,
     folder_digest,
     read_manifest_or_none,
-    require,
     staleness,
     write_manifest,
 )
 from grasp_cli.context import StageContext
-from grasp_cli.errors import InputError
+from grasp_cli.errors import InputError, first_line
 from grasp_cli.models import DataShape, ModelBundle, build_model
 
 STATE_FILE = "model.pt"
@@ -41,18 +40,9 @@ def data_shape_of(examples: Examples) -> DataShape:
     )
 
 
-def data_shape_from_manifest(ctx: StageContext) -> DataShape:
-    extra = require(ctx.layout, "corpus", ctx.config, force=ctx.force).extra
-    if extra.get("kind") == "image":
-        return DataShape(
-            image_shape=tuple(extra["image_shape"]), num_classes=int(extra["num_classes"])
-        )
-    return DataShape(seq_len=int(extra["seq_len"]))
-
-
 def new_bundle(ctx: StageContext, shape: DataShape) -> ModelBundle:
     """A freshly initialized model of the configured kind (seeded from run.seed)."""
-    return build_model(ctx.config.model, shape, ctx.config.derived_seed(-1, "model-init"))
+    return build_model(ctx.config.model, shape, ctx.config.seed("model-init"))
 
 
 def load_state_dict(path: str, bundle: ModelBundle) -> dict[str, torch.Tensor]:
@@ -70,7 +60,7 @@ def load_state_dict(path: str, bundle: ModelBundle) -> dict[str, torch.Tensor]:
             f"refused it: {reason[:160]})"
         ) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for unreadable files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise InputError(f"{path}: unreadable checkpoint ({first.split('. ')[0][:200]})") from None
     if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
         raw = raw["state_dict"]
@@ -130,7 +120,7 @@ def _ensure_reference_locked(
         if not checkpoint or existing.extra.get("checkpoint_digest") == _digest_of(checkpoint):
             return load_state_dict(str(folder / STATE_FILE), bundle)
     extra: dict[str, object] = {}
-    seed = ctx.config.derived_seed(-1, "reference")
+    seed = ctx.config.seed("reference")
     if checkpoint:
         state = load_state_dict(checkpoint, bundle)
         extra = {"source": f"checkpoint {checkpoint}", "checkpoint_digest": _digest_of(checkpoint)}

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import zarr
 
 from grasp_cli.cli import main
+
+TINY = Path(__file__).with_name("tiny.toml")
+RESULT_KEYS = ["subset_id", "role", "task", "metric", "value", "seed", "steps"]  # all but wall_s
 
 ENGLISH = (
     "The quick brown fox jumps over the lazy dog while the river keeps flowing to the sea. "
@@ -35,6 +43,43 @@ def grasp_ok(*args: object) -> str:
     code, out, err = run_grasp(*args)
     assert code == 0, f"grasp {' '.join(map(str, args))} -> {code}\n{out}\n{err}"
     return out
+
+
+def build_run(root: Path, stages: list[list[str]] | tuple, config: Path = TINY) -> Path:
+    """Run each stage of ``stages`` (``["retrain-subsets", "--curation"]``...) on ``root``."""
+    for stage in stages:
+        grasp_ok(*stage, "-c", config, "--run", root)
+    return root
+
+
+def copy_run(src: Path, dst: Path, names: tuple[str, ...] | list[str]) -> Path:
+    """A copy of the named artifact folders of run ``src`` in ``dst`` (created)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copytree(src / name, dst / name)
+    return dst
+
+
+def result_rows(folder: Path) -> list[tuple]:
+    """Training results as sorted tuples, ``wall_s`` left out (the one non-deterministic column)."""
+    parts = sorted(Path(folder).glob("part-*.parquet"))
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    return sorted(zip(*(table.column(c).to_pylist() for c in RESULT_KEYS), strict=True))
+
+
+def one_line_error(err: str) -> str:
+    """The one ``error: ...`` line a failed command must print (no traceback)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def assert_same_sketches(a: Path, b: Path) -> None:
+    """Two ``sketches.zarr`` hold bit-identical arrays."""
+    one, two = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    for name in ("train", "train_ids", "tasks"):
+        x, y = np.asarray(one[name][:]), np.asarray(two[name][:])
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
 
 
 @pytest.fixture

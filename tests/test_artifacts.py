@@ -140,30 +140,29 @@ def test_unit_markers(tmp_path):
 
 def test_open_sharded_reuses_matching_plan_and_replaces_stale_one(tmp_path):
     from grasp_cli.artifacts.sharded import open_sharded
-    from grasp_cli.context import StageContext
 
-    def ctx(overrides, index):
-        return StageContext(
-            load_config(None, overrides), RunLayout(tmp_path), shard=ShardSpec(index, 2)
-        )
+    def ctx(overrides, index):  # what shard ``index`` of 2 passes: the run and its config
+        return RunLayout(tmp_path), load_config(None, overrides)
 
     def skeleton(folder):
         (folder / "payload.txt").write_text("fresh")
 
-    first = open_sharded(ctx([], 0), "scores", skeleton, units=3)
+    first = open_sharded(*ctx([], 0), "scores", skeleton, units=3)
     (tmp_path / "scores" / "payload.txt").write_text("shard 0 wrote this")
-    again = open_sharded(ctx([], 1), "scores", skeleton, units=3)
+    again = open_sharded(*ctx([], 1), "scores", skeleton, units=3)
     assert again.fingerprint == first.fingerprint
     assert (
         tmp_path / "scores" / "payload.txt"
     ).read_text() == "shard 0 wrote this"  # reused, not rebuilt
 
     changed = ["score.reference='selection'"]
-    new = open_sharded(ctx(changed, 1), "scores", skeleton, units=3)
+    new = open_sharded(*ctx(changed, 1), "scores", skeleton, units=3)
     assert new.fingerprint != first.fingerprint
     assert (
         tmp_path / "scores" / "payload.txt"
     ).read_text() == "fresh"  # the stale folder was replaced
     (tmp_path / "scores" / "payload.txt").write_text("shard 1 wrote this")
-    assert open_sharded(ctx(changed, 0), "scores", skeleton, units=3).fingerprint == new.fingerprint
+    assert (
+        open_sharded(*ctx(changed, 0), "scores", skeleton, units=3).fingerprint == new.fingerprint
+    )
     assert (tmp_path / "scores" / "payload.txt").read_text() == "shard 1 wrote this"

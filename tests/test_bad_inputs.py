@@ -27,7 +27,7 @@ import pytest
 import torch
 import zarr
 
-from tests.conftest import ENGLISH
+from tests.conftest import ENGLISH, build_run
 from tests.conftest import run_grasp as grasp
 
 CONFIG = Path(__file__).with_name("tiny.toml")
@@ -42,11 +42,8 @@ def base(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRASP_PROGRESS", "0")
         mp.delenv("GRASP_DEBUG", raising=False)
-        root = tmp_path_factory.mktemp("bad") / "base"
-        for stage in ("prepare", "sketch", "retrain-subsets", "fit-surrogate"):
-            code, out, err = grasp(stage, "-c", CONFIG, "--run", root)
-            assert code == 0, f"{stage}: {out}\n{err}"
-        yield root
+        stages = [["prepare"], ["sketch"], ["retrain-subsets"], ["fit-surrogate"]]
+        yield build_run(tmp_path_factory.mktemp("bad") / "base", stages)
 
 
 @pytest.fixture(autouse=True)
@@ -639,7 +636,9 @@ def test_export_creates_replaces_its_own_and_never_deletes_user_files(base, tmp_
         shutil.copytree(base / artifact, run / artifact)
     export = tmp_path / "export"
     assert _select(run, "--export", export)[0] == 0
-    selected = sorted(pq.read_table(run / "selection" / "selected.parquet").column("id").to_pylist())
+    selected = sorted(
+        pq.read_table(run / "selection" / "selected.parquet").column("id").to_pylist()
+    )
     parts = sorted(export.glob("part-*.parquet"))
     assert parts and (export / "_grasp_export.json").is_file()
     assert sorted(pq.read_table(parts[0]).column("id").to_pylist()) == selected

@@ -22,16 +22,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import zarr
 
 from grasp_cli.artifacts.manifest import read_manifest
+from tests.conftest import (
+    assert_same_sketches,
+    build_run,
+    copy_run,
+    one_line_error,
+    result_rows,
+)
 from tests.conftest import grasp_ok as ok
 from tests.conftest import run_grasp as grasp
 
 CONFIG = Path(__file__).with_name("tiny.toml")
 REPO = Path(__file__).resolve().parents[1]
-RESULT_KEYS = ["subset_id", "role", "task", "metric", "value", "seed", "steps"]  # all but wall_s
 N_SUBSETS, N_JOBS = 16, 19
+ALL_FIT = ("corpus", "tasks", "reference", "sketches.zarr", "subsets.zarr", "retrain", "surrogate")
 
 # Runs the real CLI; optionally stops (sleeps) at a chosen point after writing a flag file,
 # so that the test can SIGKILL the process exactly there.
@@ -106,42 +112,14 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 120.0) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def copy_run(src: Path, dst: Path, names: tuple[str, ...]) -> Path:
-    dst.mkdir(parents=True)
-    for name in names:
-        shutil.copytree(src / name, dst / name)
-    return dst
-
-
-def result_rows(folder: Path) -> list[tuple]:
-    parts = sorted(folder.glob("part-*.parquet"))
-    table = pa.concat_tables([pq.read_table(p) for p in parts])
-    return sorted(zip(*(table.column(c).to_pylist() for c in RESULT_KEYS), strict=True))
-
-
-def assert_same_sketches(a: Path, b: Path) -> None:
-    one, two = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
-    for name in ("train", "train_ids", "tasks"):
-        x, y = np.asarray(one[name][:]), np.asarray(two[name][:])
-        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """An uninterrupted run of every stage up to score."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRASP_PROGRESS", "0")
         mp.delenv("GRASP_DEBUG", raising=False)
-        root = tmp_path_factory.mktemp("faults") / "base"
-        for stage in ("prepare", "sketch", "retrain-subsets", "fit-surrogate", "score"):
-            ok(stage, "-c", CONFIG, "--run", root)
-        yield root
+        stages = [["prepare"], ["sketch"], ["retrain-subsets"], ["fit-surrogate"], ["score"]]
+        yield build_run(tmp_path_factory.mktemp("faults") / "base", stages)
 
 
 @pytest.fixture(autouse=True)
@@ -211,16 +189,7 @@ def test_retrain_killed_at_first_part_resumes(base, tmp_path):
 
 
 def test_score_killed_after_first_part_resumes_to_identical_tables(base, tmp_path):
-    names = (
-        "corpus",
-        "tasks",
-        "reference",
-        "sketches.zarr",
-        "subsets.zarr",
-        "retrain",
-        "surrogate",
-    )
-    run = copy_run(base, tmp_path / "run", names)
+    run = copy_run(base, tmp_path / "run", ALL_FIT)
     flag = tmp_path / "flag"
     proc = spawn(["score", "-c", CONFIG, "--run", run], flag, stop_after_marks="1")
     kill_when(proc, flag.exists)
@@ -300,16 +269,7 @@ def test_truncated_corpus_shard_is_named(base, tmp_path):
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_corrupt_zarr_chunk_is_named(base, tmp_path, damage):
-    names = (
-        "corpus",
-        "tasks",
-        "reference",
-        "sketches.zarr",
-        "subsets.zarr",
-        "retrain",
-        "surrogate",
-    )
-    run = copy_run(base, tmp_path / "run", names)
+    run = copy_run(base, tmp_path / "run", ALL_FIT)
     chunk = run / "sketches.zarr" / "train" / "c" / "2" / "0"
     assert chunk.is_file()
     data = chunk.read_bytes()
@@ -354,16 +314,7 @@ def test_changed_sketch_config_is_stale_unless_forced(base, tmp_path):
 
 
 def test_rebuilt_upstream_makes_downstream_stale(base, tmp_path):
-    names = (
-        "corpus",
-        "tasks",
-        "reference",
-        "sketches.zarr",
-        "subsets.zarr",
-        "retrain",
-        "surrogate",
-    )
-    run = copy_run(base, tmp_path / "run", names)
+    run = copy_run(base, tmp_path / "run", ALL_FIT)
     ok(
         "sketch", "-c", CONFIG, "--run", run, "--set", "sketch.kron_dim=2", "-q"
     )  # a different sketch
@@ -417,9 +368,6 @@ def test_nan_utilities_are_excluded_and_reported_up_to_the_limit(base, tmp_path)
 
 
 # ---------------------------------------------------------------- decodable but wrong bytes
-
-
-ALL_FIT = ("corpus", "tasks", "reference", "sketches.zarr", "subsets.zarr", "retrain", "surrogate")
 
 
 @pytest.mark.parametrize("damage", ["deleted", "swapped"])

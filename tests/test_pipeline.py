@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ import zarr
 
 from grasp_cli.artifacts.examples import read_examples, read_tasks
 from grasp_cli.artifacts.manifest import read_manifest
+from grasp_cli.artifacts.results import RESULT_SCHEMA
+from tests.conftest import copy_run, result_rows
 from tests.conftest import grasp_ok as ok
 from tests.conftest import run_grasp as grasp
 
@@ -36,25 +37,9 @@ STAGES = [
     ["retrain-subsets", "--curation"],
     ["report"],
 ]
-RESULT_COLUMNS = ["subset_id", "role", "task", "metric", "value", "seed", "steps", "wall_s"]
 N_SUBSETS = 16  # tiny.toml: mixture 12 + within 4
 N_JOBS = N_SUBSETS + 3  # + repeat_subsets 3 with one extra seed
 K = 32
-
-
-def copy_inputs(src: Path, dst: Path, names=("corpus", "tasks", "reference")) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        shutil.copytree(src / name, dst / name)
-    return dst
-
-
-def results_frame(folder: Path) -> list[tuple]:
-    """Retrain rows as sorted tuples, wall_s left out (it is the only non-deterministic column)."""
-    parts = sorted(folder.glob("part-*.parquet"))
-    table = pa.concat_tables([pq.read_table(p) for p in parts])
-    keep = [c for c in RESULT_COLUMNS if c != "wall_s"]
-    return sorted(zip(*(table.column(c).to_pylist() for c in keep), strict=True))
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -134,7 +119,7 @@ def test_retrain_results_have_one_row_per_run_task_and_metric(run):
     parts = sorted((run / "retrain").glob("part-*.parquet"))
     assert len(parts) == N_JOBS
     for path in parts:
-        assert pq.read_schema(path).names == RESULT_COLUMNS
+        assert pq.read_schema(path).names == RESULT_SCHEMA.names
     table = pa.concat_tables([pq.read_table(p) for p in parts])
     keys = list(
         zip(
@@ -172,7 +157,9 @@ def test_surrogate_tables(run):
         if finite:  # the protocol picks the highest lower confidence bound
             assert chosen[0]["lcb"] == pytest.approx(max(finite))
     grasp_candidates = [r for r in lcb if r["method"] == "grasp" and r["n_fit"] == n_fit]
-    assert len(grasp_candidates) == 2 * 2 * 2 * 2  # k_grid x alignment_grid x geometry_grid x ridge_grid
+    assert (
+        len(grasp_candidates) == 2 * 2 * 2 * 2
+    )  # k_grid x alignment_grid x geometry_grid x ridge_grid
     chosen = next(r for r in grasp_candidates if r["chosen"])
     model = params["grasp"]  # the model refit on all fit subsets is the chosen candidate
     assert (model["k"], model["geometry"], float(model["ridge"]), model["n_fit"]) == (
@@ -290,7 +277,7 @@ def test_dry_run_exits_zero_and_writes_nothing(run, tmp_path, stage):
 
 
 def test_three_shard_sketch_is_bit_identical(run, tmp_path):
-    other = copy_inputs(run, tmp_path / "run")
+    other = copy_run(run, tmp_path / "run", ("corpus", "tasks", "reference"))
     for index in range(3):
         out = ok("sketch", "-c", CONFIG, "--run", other, "--shard", index, "--num-shards", 3, "-q")
         complete = read_manifest(other / "sketches.zarr").complete
@@ -310,7 +297,7 @@ def test_three_shard_sketch_is_bit_identical(run, tmp_path):
 
 
 def test_two_shard_retrain_equals_the_unsharded_run(run, tmp_path):
-    other = copy_inputs(run, tmp_path / "run")
+    other = copy_run(run, tmp_path / "run", ("corpus", "tasks", "reference"))
     trained = []
     for index in range(2):
         out = ok(
@@ -331,11 +318,11 @@ def test_two_shard_retrain_equals_the_unsharded_run(run, tmp_path):
     one = zarr.open_group(str(run / "subsets.zarr"), mode="r")
     two = zarr.open_group(str(other / "subsets.zarr"), mode="r")
     assert np.array_equal(np.asarray(one["membership"][:]), np.asarray(two["membership"][:]))
-    assert results_frame(other / "retrain") == results_frame(run / "retrain")
+    assert result_rows(other / "retrain") == result_rows(run / "retrain")
 
 
 def test_limit_then_resume_trains_each_run_once(run, tmp_path):
-    other = copy_inputs(run, tmp_path / "run")
+    other = copy_run(run, tmp_path / "run", ("corpus", "tasks", "reference"))
     out = ok("retrain-subsets", "-c", CONFIG, "--run", other, "--limit", 2, "-q")
     assert "trained 2 runs" in out
     assert len(list((other / "retrain").glob("part-*.parquet"))) == 2
@@ -348,13 +335,24 @@ def test_limit_then_resume_trains_each_run_once(run, tmp_path):
     out = ok("retrain-subsets", "-c", CONFIG, "--run", other, "-q")
     assert f"trained {N_JOBS - 2} runs" in out
     assert read_manifest(other / "retrain").complete
-    rows = results_frame(other / "retrain")
+    rows = result_rows(other / "retrain")
     keys = [(r[0], r[5], r[2], r[3]) for r in rows]  # subset_id, seed, task, metric
     assert len(keys) == len(set(keys))
-    assert rows == results_frame(run / "retrain")
+    assert rows == result_rows(run / "retrain")
     out = ok("retrain-subsets", "-c", CONFIG, "--run", other, "-q")  # nothing left to do
     assert "trained 0 runs" in out
     assert len(list((other / "retrain").glob("part-*.parquet"))) == N_JOBS
+
+
+def test_limit_keeps_subset_designs_in_proportion(run, tmp_path):
+    """tiny.toml samples 12 mixture and 4 within subsets: 4 limited runs hold both designs
+    (3 mixture, 1 within), where unit order would train mixture subsets only."""
+    other = copy_run(run, tmp_path / "run", ("corpus", "tasks", "reference"))
+    ok("retrain-subsets", "-c", CONFIG, "--run", other, "--limit", 4, "-q")
+    trained = {r[0] for r in result_rows(other / "retrain")}
+    design = zarr.open_group(str(other / "subsets.zarr"), mode="r")["design"][:]
+    counts = {d: sum(str(design[s]) == d for s in trained) for d in ("mixture", "within")}
+    assert counts == {"mixture": 3, "within": 1}
 
 
 def test_select_export_round_trips(run, tmp_path):

@@ -32,6 +32,7 @@ from grasp_cli.artifacts.layout import RunLayout
 from grasp_cli.artifacts.manifest import read_manifest
 from grasp_cli.artifacts.shards import ShardSpec, owned_units
 from grasp_cli.cli import main
+from tests.conftest import copy_run, result_rows
 from tests.slurm_cluster import LocalCluster, ensure_slurm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,20 +138,6 @@ def grasp(*args: object) -> str:
         f"grasp {' '.join(map(str, args))} -> {code}\n{out.getvalue()}\n{err.getvalue()}"
     )
     return out.getvalue()
-
-
-def copy_artifacts(src: Path, dst: Path, names: tuple[str, ...]) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        shutil.copytree(src / name, dst / name)
-    return dst
-
-
-def results_rows(folder: Path) -> list[tuple]:
-    """Retrain results as sorted tuples, wall_s left out (the one non-deterministic column)."""
-    table = pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("part-*.parquet"))])
-    keep = [c for c in table.column_names if c != "wall_s"]
-    return sorted(zip(*(table.column(c).to_pylist() for c in keep), strict=True))
 
 
 def assert_same_sketches(ours: Path, theirs: Path) -> None:
@@ -414,12 +401,12 @@ def test_submitted_pipeline_completes_and_arrays_equal_one_process(
     membership = [np.asarray(zarr.open_group(str(r / "subsets.zarr"), mode="r")["membership"][:]) for r in (run, local_run)]  # fmt: skip
     assert np.array_equal(*membership)
     assert len(list((run / "retrain").glob("part-*.parquet"))) == N_JOBS
-    assert results_rows(run / "retrain") == results_rows(local_run / "retrain")
+    assert result_rows(run / "retrain") == result_rows(local_run / "retrain")
 
 
 @pytest.mark.slurm
 def test_resubmitted_array_trains_only_missing_runs(cluster, config, local_run, job_env, tmp_path):
-    run = copy_artifacts(local_run, tmp_path / "run", ("corpus", "tasks", "reference"))
+    run = copy_run(local_run, tmp_path / "run", ("corpus", "tasks", "reference"))
     (run / "logs").mkdir()
     env = {**job_env, "RUN": str(run)}
     script = str(SLURM_SCRIPTS / "retrain.sbatch")
@@ -441,4 +428,4 @@ def test_resubmitted_array_trains_only_missing_runs(cluster, config, local_run, 
     assert trained == [len(units) - 1 for units in shard_units(N_JOBS)]
     assert read_manifest(run / "retrain").complete
     assert len(list((run / "retrain").glob("part-*.parquet"))) == N_JOBS
-    assert results_rows(run / "retrain") == results_rows(local_run / "retrain")
+    assert result_rows(run / "retrain") == result_rows(local_run / "retrain")

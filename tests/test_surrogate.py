@@ -291,6 +291,7 @@ def test_trak_scores_equal_per_example_sums():
     moments = CorpusMoments(n=40, total=phi.sum(0), gram=phi.T @ phi)
     feats = SubsetFeatures(sums=member @ phi, sizes=member.sum(1).astype(float), index=np.arange(6))
     model = TrakBaseline(r, moments, k_prime=4, ridge=0.1, aggregation="mean")
+    model.fit(feats, rng.normal(size=(6, 2)))  # the scores do not depend on the utilities
     p = phi[:, :4]
     kernel = p.T @ p + 0.1 * np.trace(p.T @ p) / 4 * np.eye(4)
     tau = p @ np.linalg.solve(kernel, r[:, :4].T)  # [N, T] per-example scores
@@ -586,7 +587,13 @@ def test_natural_alignment_preconditions_by_the_damped_metric():
     phi = rng.normal(size=(400, 6)) * np.array([5.0, 1.0, 1.0, 0.5, 0.2, 0.1])
     moments = CorpusMoments(n=400, total=phi.sum(0), gram=phi.T @ phi)
     residuals = rng.normal(size=(2, 6))
+    member = rng.random((12, 400)) < 0.3  # any fit data: the direction is computed by fit
+    feats = SubsetFeatures(
+        sums=member @ phi, sizes=member.sum(1).astype(float), index=np.arange(12)
+    )
+    utilities = rng.normal(size=(12, 2))
     model = GraspSurrogate(residuals, k_prime=4, alignment="natural", moments=moments)
+    model.fit(feats, utilities)
     metric = (phi.T @ phi / 400)[:4, :4]
     expected = np.linalg.solve(
         metric + NATURAL_DAMPING * np.trace(metric) / 4 * np.eye(4), residuals[:, :4].T
@@ -596,7 +603,7 @@ def test_natural_alignment_preconditions_by_the_damped_metric():
     )
     np.testing.assert_allclose(model.residuals, expected, rtol=1e-10)
     # the direction differs from the plain one exactly where the metric is anisotropic
-    plain = GraspSurrogate(residuals, k_prime=4, moments=moments).residuals
+    plain = GraspSurrogate(residuals, k_prime=4, moments=moments).fit(feats, utilities).residuals
     assert not np.allclose(model.residuals, plain)
     with pytest.raises(ValueError, match="needs the corpus moments"):
-        GraspSurrogate(residuals, alignment="natural")
+        GraspSurrogate(residuals, alignment="natural").fit(feats, utilities)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from grasp_cli.artifacts.atomic import _tmp_name, creation_lock, replace_dir, sweep_debris
+from grasp_cli.artifacts.layout import RunLayout
 from grasp_cli.artifacts.manifest import (
     Manifest,
     build_manifest,
@@ -24,17 +25,19 @@ from grasp_cli.artifacts.manifest import (
     write_manifest,
 )
 from grasp_cli.artifacts.shards import UnitMarkers
-from grasp_cli.context import StageContext
+from grasp_cli.config import GraspConfig
 
 SHARED_DEBRIS_MIN_AGE_S = 3600.0
 
 
 def open_sharded(
-    ctx: StageContext,
+    layout: RunLayout,
+    config: GraspConfig,
     artifact: str,
     build_skeleton: Callable[[Path], dict[str, dict[str, str]] | None],
     *,
     units: int,
+    force: bool = False,
     seeds: dict[str, int] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Manifest:
@@ -50,18 +53,18 @@ def open_sharded(
     Debris of killed writes (this artifact's own temporaries, beside it and inside it) older
     than ``SHARED_DEBRIS_MIN_AGE_S`` is swept: younger ones may belong to a running shard.
     """
-    folder = ctx.layout.path(artifact)
+    folder = layout.path(artifact)
     plan = build_manifest(
-        ctx.layout,
+        layout,
         artifact,
-        ctx.config,
+        config,
         seeds=seeds,
         extra={**(extra or {}), "units": units},
         complete=False,
     )
     folder.parent.mkdir(parents=True, exist_ok=True)
     with creation_lock(folder):
-        existing = read_manifest_or_none(folder, force=ctx.force)
+        existing = read_manifest_or_none(folder, force=force)
         if existing is not None and existing.fingerprint == plan.fingerprint:
             # Other jobs may be writing their own temporaries here right now: only old debris.
             sweep_debris(folder, None, min_age_s=SHARED_DEBRIS_MIN_AGE_S)

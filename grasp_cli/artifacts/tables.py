@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grasp_cli.artifacts.atomic import atomic_path
-from grasp_cli.errors import InputError
+from grasp_cli.errors import InputError, first_line
 
 
 def write_table(path: Path, table: pa.Table, row_group_rows: int = 65536) -> None:
@@ -25,7 +25,7 @@ def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
     try:
         table = pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
     except KeyError as exc:  # a requested column is absent
         raise InputError(f"{path}: missing column {exc}") from None
     return table
@@ -35,7 +35,7 @@ def parquet_file(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
 
 
 def require_columns(table: pa.Table, path: Path, expected: dict[str, str]) -> None:
@@ -48,8 +48,3 @@ def require_columns(table: pa.Table, path: Path, expected: dict[str, str]) -> No
         actual = str(table.schema.field(name).type)
         if not actual.startswith(type_prefix):
             raise InputError(f"{path}: column '{name}' has type {actual}, expected {type_prefix}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -25,18 +25,13 @@ from typing import Any
 import numpy as np
 import zarr
 
-from grasp_cli.errors import GraspError, InputError
+from grasp_cli.errors import GraspError, InputError, first_line
 
 Digests = dict[str, dict[str, str]]  # array name -> chunk key ("2.0") -> digest
 
 # What zarr/numcodecs raise for damaged bytes (decompression, reshape, metadata JSON, missing keys).
 _READ_ERRORS = (RuntimeError, ValueError, OSError, KeyError, TypeError)
 _MAX_CHUNKS_SEARCHED = 100_000
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def values_digest(values: np.ndarray) -> str:
@@ -193,7 +188,7 @@ class CheckedArray:
         except _READ_ERRORS as exc:
             where = self._find_bad_chunk() or self.path
             raise InputError(
-                f"{where}: corrupt or unreadable Zarr data ({_first_line(exc)}); {self._rebuild}"
+                f"{where}: corrupt or unreadable Zarr data ({first_line(exc)}); {self._rebuild}"
             ) from None
 
     def _find_bad_chunk(self) -> Path | None:
@@ -263,7 +258,7 @@ class CheckedGroup:
             raise InputError(f"{self.path}: has no array {name!r}; {self._rebuild}") from None
         except _READ_ERRORS as exc:
             raise InputError(
-                f"{self.path / name}: corrupt Zarr metadata ({_first_line(exc)}); {self._rebuild}"
+                f"{self.path / name}: corrupt Zarr metadata ({first_line(exc)}); {self._rebuild}"
             ) from None
         if not isinstance(array, zarr.Array):
             raise InputError(f"{self.path / name}: expected a Zarr array; {self._rebuild}")
@@ -302,6 +297,6 @@ def open_group_read(path: Path, stage: str, digests: Digests | None = None) -> C
         raise
     except _READ_ERRORS as exc:  # GroupNotFoundError is a ValueError
         raise InputError(
-            f"{path}: not a readable Zarr group ({_first_line(exc)}); {rebuild}"
+            f"{path}: not a readable Zarr group ({first_line(exc)}); {rebuild}"
         ) from None
     return CheckedGroup(group, path, rebuild, digests)

@@ -37,7 +37,7 @@ from grasp_cli.artifacts.examples import IMAGE_SHAPE_KEY, Examples
 from grasp_cli.artifacts.layout import RunLayout
 from grasp_cli.artifacts.tables import read_table
 from grasp_cli.config import GraspConfig
-from grasp_cli.errors import ConfigError, InputError
+from grasp_cli.errors import ConfigError, InputError, first_line
 from grasp_cli.prepare.documents import walk_files
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -161,7 +161,7 @@ def decode_image(data: bytes | Path, source: str) -> np.ndarray:
             if mode in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
                 return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, ValueError, SyntaxError, ...
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise InputError(f"{source}: unreadable image ({detail[:160]})") from None
     raise InputError(f"{source}: unsupported image mode {mode!r} (use grayscale or RGB)")
 
@@ -690,7 +690,7 @@ def run_prepare_images(config: GraspConfig, layout: RunLayout):
     from grasp_cli.prepare.stage import PrepareSummary, write_prepared
 
     section = config.prepare
-    seed = config.derived_seed(-1, "prepare")
+    seed = config.seed("prepare")
     if section.demo:
         raise ConfigError("prepare.demo (text) and prepare.demo_images are exclusive; choose one")
     corpus, tasks, class_names = load_image_inputs(config, seed)

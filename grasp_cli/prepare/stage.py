@@ -109,7 +109,7 @@ def run_prepare(config: GraspConfig, layout: RunLayout) -> PrepareSummary:
         from grasp_cli.prepare.images import run_prepare_images
 
         return run_prepare_images(config, layout)
-    seed = config.derived_seed(-1, "prepare")
+    seed = config.seed("prepare")
     if section.demo:
         documents = demo_documents(section.demo_domains or None)
         holdout = section.holdout_domains or ([] if section.tasks else default_demo_holdout())
@@ -268,3 +268,13 @@ def warn_verbatim_overlap(corpus: list[Document], held: dict[str, list[Document]
                 "verbatim in the corpus (target leakage: its loss will look better than it is)",
                 file=sys.stderr,
             )
+
+
+def run_prepare_stage(ctx) -> str:
+    """``grasp prepare``: build corpus and tasks; returns the summary lines."""
+    summary = run_prepare(ctx.config, ctx.layout)
+    tasks = ", ".join(f"{k} ({v})" for k, v in summary.tasks.items())
+    return (
+        f"corpus: {summary.corpus_rows} {summary.unit} in {len(summary.domains)} domains -> "
+        f"{ctx.layout.corpus}\ntasks:  {tasks} -> {ctx.layout.tasks}"
+    )

@@ -256,7 +256,7 @@ def _selection_section(ctx: StageContext, out: Path, have_plots: bool) -> str:
         )
     curation = read_manifest(layout.curation)
     if curation is not None and curation.complete:
-        from grasp_cli.retrain.stage import read_results
+        from grasp_cli.artifacts.results import read_results
 
         rows = [r for r in read_results(layout.curation).to_pylist() if r["metric"] == "loss"]
         losses: dict[str, dict[str, list[float]]] = {}

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from grasp_cli.artifacts.sketches import iter_blocks
 from grasp_cli.select.greedy import greedy_select
 from grasp_cli.select.objective import (
     ROBUST_MODES,
@@ -28,7 +29,7 @@ from grasp_cli.select.objective import (
     objective_from_bootstrap,
     objective_from_tasks,
 )
-from grasp_cli.select.stream import StreamingTopB, additive_top_b, iter_blocks, stream_select
+from grasp_cli.select.stream import StreamingTopB, additive_top_b, stream_select
 
 __all__ = [
     "ROBUST_MODES",

@@ -7,17 +7,22 @@ selection and the additive top-B selection of the same size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 
 from grasp_cli.artifacts.atomic import artifact_dir
 from grasp_cli.artifacts.examples import read_examples
 from grasp_cli.artifacts.manifest import build_manifest, folder_digest, require, write_manifest
+from grasp_cli.artifacts.sketches import masked_row_sum, open_sketches
 from grasp_cli.artifacts.tables import write_table
-from grasp_cli.artifacts.zarr_io import open_group_read
 from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError
 from grasp_cli.select import (
+    Selection,
     additive_top_b,
     budget_count,
     domain_caps,
@@ -27,13 +32,14 @@ from grasp_cli.select import (
 )
 from grasp_cli.select.export import export_mode, write_export
 from grasp_cli.select.objective import aggregation_scale
-from grasp_cli.surrogate.stage import masked_row_sum
 from grasp_cli.surrogate.store import StoredSurrogate, load_surrogate
 
 
-def build_objective(stored: StoredSurrogate, ctx: StageContext, budget: int):
-    """F(S) = Σ_t w_t Û_t(S)/σ_t from the fitted surrogate (σ_t: std of measured fit utilities)."""
-    section = ctx.config.select
+def build_objective(stored: StoredSurrogate, section: Any, budget: int):
+    """F(S) = Σ_t w_t Û_t(S)/σ_t from the fitted surrogate (σ_t: std of measured fit utilities).
+
+    ``section``: the ``[select]`` values (task weights, robust mode and κ).
+    """
     model = stored.model
     unknown = sorted(set(section.task_weights) - set(model.task_names))
     if unknown:
@@ -78,101 +84,130 @@ def build_objective(stored: StoredSurrogate, ctx: StageContext, budget: int):
     )
 
 
-def run_select(ctx: StageContext, export=None) -> str:
-    layout, section = ctx.layout, ctx.config.select
+@dataclass
+class SelectInputs:
+    stored: StoredSurrogate
+    phi: Any  # [N, k] sketch matrix, streamed (Zarr) or in memory
+    ids: np.ndarray  # [N]
+    codes: np.ndarray  # [N] domain codes
+    domain_names: list[str]
+
+
+def load_select_inputs(ctx: StageContext) -> SelectInputs:
+    layout = ctx.layout
     require(layout, "sketches", ctx.config, force=ctx.force)
     require(layout, "surrogate", ctx.config, force=ctx.force)
-    if export is not None:  # refuse a bad target before any work (and before touching selection/)
-        export_mode(export, layout, ctx.force)
     stored = load_surrogate(layout.surrogate)
-    sketches = open_group_read(layout.sketches, "sketch")
-    phi = sketches["train"]
-    ids = np.asarray(sketches["train_ids"][:])
+    sketches = open_sketches(layout.sketches)
     corpus = read_examples(layout.corpus)
-    if len(corpus) != phi.shape[0] or not np.array_equal(corpus.ids, ids):
-        raise InputError(
-            f"{layout.sketches}: sketch ids do not match {layout.corpus}; rerun `grasp sketch`"
-        )
-    budget = budget_count(section.budget, len(ids))
+    sketches.check_ids(corpus.ids, layout.corpus)
     codes, names = corpus.domain_codes()
-    caps = domain_caps(section.domain_caps, names, budget) if section.domain_caps else None
-    objective = build_objective(stored, ctx, budget)
+    return SelectInputs(stored, sketches.train, sketches.ids, codes, names)
+
+
+@dataclass
+class SelectOutputs:
+    selection: Selection
+    budget: int
+    curation: dict[str, np.ndarray]  # selector name -> row indices (empty when off)
+    extra: dict[str, Any]  # what the manifest records
+
+
+def choose(inputs: SelectInputs, section: Any, curation_seed: int, progress: bool) -> SelectOutputs:
+    """The selection (and the curation check's other selections), on arrays."""
+    phi, n = inputs.phi, len(inputs.ids)
+    budget = budget_count(section.budget, n)
+    caps = (
+        domain_caps(section.domain_caps, inputs.domain_names, budget)
+        if section.domain_caps
+        else None
+    )
+    objective = build_objective(inputs.stored, section, budget)
     selection = select(
         phi,
         objective,
         budget,
         section.algorithm,
-        codes,
+        inputs.codes,
         caps,
         section.greedy_max_n,
         section.max_iters,
         section.block_rows,
-        ctx.progress,
+        progress,
     )
     rows = np.asarray(selection.indices)
-    with artifact_dir(layout.selection) as folder:
-        table = pa.table(
-            {
-                "id": pa.array(ids[rows], pa.int64()),
-                "rank": pa.array(np.arange(1, len(rows) + 1), pa.int64()),
-                "gain": pa.array(np.asarray(selection.gains, dtype=np.float64)),
-                "domain": pa.array([names[c] for c in codes[rows]], pa.string()),
-            }
+    extra: dict[str, Any] = {
+        "budget": budget,
+        "algorithm": selection.algorithm,
+        "passes": selection.passes,
+        "converged": bool(selection.converged),
+        "objective": float(selection.value),
+        "history": list(selection.history)[:100],
+    }
+    curation: dict[str, np.ndarray] = {}
+    if section.curation:
+        additive = additive_top_b(phi, objective, budget, inputs.codes, caps, progress=False)
+        random_rows = np.sort(
+            np.random.default_rng(curation_seed).choice(n, size=budget, replace=False)
         )
-        write_table(folder / "selected.parquet", table)
-        extra = {
-            "budget": budget,
-            "algorithm": selection.algorithm,
-            "passes": selection.passes,
-            "converged": bool(selection.converged),
-            "objective": float(selection.value),
-            "history": list(selection.history)[:100],
+        curation = {"grasp": rows, "random": random_rows, "additive": np.asarray(additive.indices)}
+        extra["additive_objective"] = float(additive.value)
+        extra["random_objective"] = float(
+            objective.value(masked_row_sum(phi, np.isin(np.arange(n), random_rows), objective.dim))
+        )
+    return SelectOutputs(selection, budget, curation, extra)
+
+
+def write_selection(folder: Path, inputs: SelectInputs, outputs: SelectOutputs) -> None:
+    rows = np.asarray(outputs.selection.indices)
+    ids, codes, names = inputs.ids, inputs.codes, inputs.domain_names
+    table = pa.table(
+        {
+            "id": pa.array(ids[rows], pa.int64()),
+            "rank": pa.array(np.arange(1, len(rows) + 1), pa.int64()),
+            "gain": pa.array(np.asarray(outputs.selection.gains, dtype=np.float64)),
+            "domain": pa.array([names[c] for c in codes[rows]], pa.string()),
         }
-        if section.curation:
-            additive = additive_top_b(phi, objective, budget, codes, caps, progress=False)
-            seed = ctx.config.derived_seed(-1, "curation-random")
-            random_rows = np.sort(
-                np.random.default_rng(seed).choice(len(ids), size=budget, replace=False)
-            )
-            chosen = {
-                "grasp": rows,
-                "random": random_rows,
-                "additive": np.asarray(additive.indices),
-            }
-            write_table(
-                folder / "curation.parquet",
-                pa.table(
-                    {
-                        "selection": pa.array(
-                            [n for n, r in chosen.items() for _ in r], pa.string()
-                        ),
-                        "id": pa.array(
-                            np.concatenate([ids[r] for r in chosen.values()]), pa.int64()
-                        ),
-                    }
-                ),
-            )
-            extra["additive_objective"] = float(additive.value)
-            extra["random_objective"] = float(
-                objective.value(
-                    masked_row_sum(phi, np.isin(np.arange(len(ids)), random_rows), objective.dim)
-                )
-            )
+    )
+    write_table(folder / "selected.parquet", table)
+    if outputs.curation:
+        chosen = outputs.curation
+        write_table(
+            folder / "curation.parquet",
+            pa.table(
+                {
+                    "selection": pa.array([n for n, r in chosen.items() for _ in r], pa.string()),
+                    "id": pa.array(np.concatenate([ids[r] for r in chosen.values()]), pa.int64()),
+                }
+            ),
+        )
+
+
+def run_select(ctx: StageContext, export: Path | None = None) -> str:
+    layout, section = ctx.layout, ctx.config.select
+    if export is not None:  # refuse a bad target before any work (and before touching selection/)
+        export_mode(export, layout, ctx.force)
+    inputs = load_select_inputs(ctx)
+    outputs = choose(inputs, section, ctx.config.seed("curation-random"), ctx.progress)
+    with artifact_dir(layout.selection) as folder:
+        write_selection(folder, inputs, outputs)
         write_manifest(
             folder,
             build_manifest(
-                layout, "selection", ctx.config, content=folder_digest(folder), extra=extra
+                layout, "selection", ctx.config, content=folder_digest(folder), extra=outputs.extra
             ),
         )
+    selection, budget = outputs.selection, outputs.budget
     message = (
-        f"select: {budget} of {len(ids)} examples by {selection.algorithm} "
+        f"select: {budget} of {len(inputs.ids)} examples by {selection.algorithm} "
         f"({selection.passes} passes, converged={selection.converged}), F = {selection.value:.4g}"
     )
     if export is not None:
+        corpus = read_examples(layout.corpus)
         mode = write_export(
             export,
             layout,
-            corpus.take(np.sort(rows)),
+            corpus.take(np.sort(np.asarray(selection.indices))),
             force=ctx.force,
             shard_rows=ctx.config.prepare.shard_rows,
             row_group_rows=ctx.config.prepare.row_group_rows,

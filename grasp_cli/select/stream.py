@@ -25,70 +25,13 @@ computed exactly; the best one is returned. Memory: the rows in memory, about
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from grasp_cli.artifacts.sketches import iter_blocks
 from grasp_cli.select.greedy import greedy_extend
 from grasp_cli.select.objective import Selection, SelectionObjective, check_constraints
-
-
-def _n_rows(phi: Any) -> int:
-    return int(phi.shape[0])
-
-
-def iter_blocks(
-    phi: Any,
-    block_rows: int,
-    k: int,
-    prefetch: bool = True,
-    progress: bool = False,
-    desc: str = "pass",
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(start, block [rows, k] float32)`` for contiguous row blocks of ``phi``.
-
-    ``phi`` is anything sliceable by rows with a ``shape`` (numpy, Zarr, memmap). Columns
-    beyond ``k`` are dropped. With ``prefetch`` the next block is read in a background
-    thread while the caller works on the current one (Zarr decompression releases the GIL).
-    """
-    n = _n_rows(phi)
-    if block_rows < 1:
-        raise ValueError(f"block_rows must be positive, got {block_rows}")
-    starts = list(range(0, n, block_rows))
-
-    def read(start: int) -> np.ndarray:
-        block = np.asarray(phi[start : min(start + block_rows, n), :k])
-        if block.dtype != np.float32:
-            block = block.astype(np.float32)
-        return block
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(starts), desc=desc, unit="block", leave=False)
-    try:
-        if not prefetch or len(starts) <= 1:
-            for start in starts:
-                yield start, read(start)
-                if bar is not None:
-                    bar.update(1)
-            return
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(read, starts[0])
-            for pos, start in enumerate(starts):
-                block = future.result()
-                if pos + 1 < len(starts):
-                    future = pool.submit(read, starts[pos + 1])
-                yield start, block
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-
 
 _COPY_ROWS = 8192  # rows per copy: keeps temporaries small enough for the allocator to reuse
 
@@ -434,7 +377,7 @@ def stream_select(
         A :class:`Selection`: the best integer set found (indices by decreasing linearized
         gain), ``passes`` (full reads of ``phi``), per-pass ``history``, ``converged``.
     """
-    n = _n_rows(phi)
+    n = int(phi.shape[0])
     if len(phi.shape) != 2 or phi.shape[1] < objective.dim:
         raise ValueError(f"phi must be [N, >= {objective.dim}], got {tuple(phi.shape)}")
     if max_iters < 1:
@@ -556,7 +499,7 @@ def additive_top_b(
     scenarios' linear terms), ignoring every interaction — the "sum of isolated scores"
     rule of TRAK / gradient-similarity selection. One pass over ``phi``.
     """
-    n = _n_rows(phi)
+    n = int(phi.shape[0])
     domains, caps = check_constraints(n, budget, domains, caps)
     direction = objective.scale * objective.mean_linear()
     indices, scores, rows, _, _ = _top_b_pass(

@@ -16,12 +16,12 @@ accordingly. The two parts are added: both are unbiased JL maps of disjoint coor
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from grasp_cli.config import SketchSection
 from grasp_cli.errors import ConfigError
 from grasp_cli.models import ModelBundle
 from grasp_cli.sketch.gradients import (
@@ -45,6 +45,34 @@ from grasp_cli.sketch.projections import (
 SKETCH_VERSION = 1
 
 
+@dataclass(frozen=True)
+class SketchSettings:
+    """What defines the projection ``P`` (besides the seed): plain values, no CLI types.
+
+    projection: 'gaussian' | 'rademacher' | 'sjlt' | 'kronecker'; k: sketch dimension;
+    kron_dim: Kronecker per-side factor dimension; sjlt_nnz: SJLT non-zeros per coordinate;
+    params: parameter-name globs (empty: all parameters for dense kinds, all linear layers
+    for kronecker).
+    """
+
+    projection: str = "kronecker"
+    k: int = 256
+    kron_dim: int = 16
+    sjlt_nnz: int = 4
+    params: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def of(cls, source: Any) -> SketchSettings:
+        """From any object with these attributes (e.g. the ``[sketch]`` config section)."""
+        return cls(
+            projection=str(source.projection),
+            k=int(source.k),
+            kron_dim=int(source.kron_dim),
+            sjlt_nnz=int(source.sjlt_nnz),
+            params=tuple(source.params),
+        )
+
+
 class Sketcher:
     """Sketches gradients of one model at its current parameters θ0 with one seeded projection.
 
@@ -52,20 +80,17 @@ class Sketcher:
     call): per-example gradients need examples that do not interact (no dropout, no
     batch statistics).
 
-    >>> sketcher = Sketcher(bundle, config.sketch, seed=7)
+    >>> sketcher = Sketcher(bundle, SketchSettings(projection="kronecker", k=256), seed=7)
     >>> phi = sketcher.sketch_batch({"tokens": tokens})   # float32 [B, k]
     >>> r = sketcher.task_residual(task_batches)          # float32 [k]
     """
 
-    def __init__(
-        self, bundle: ModelBundle, section: SketchSection, seed: int, device: str = "cpu"
-    ) -> None:
+    def __init__(self, bundle: ModelBundle, settings: Any, seed: int, device: str = "cpu") -> None:
+        section = settings if isinstance(settings, SketchSettings) else SketchSettings.of(settings)
         if section.projection not in KINDS:
             raise ConfigError(
                 f"sketch.projection = {section.projection!r}: choose one of {', '.join(KINDS)}"
             )
-        if section.k <= 0:
-            raise ConfigError("sketch.k must be positive")
         if seed < 0:
             raise ConfigError(
                 f"sketch seed must be >= 0 (resolve -1 from run.seed first), got {seed}"
@@ -197,7 +222,8 @@ class Sketcher:
             "sjlt_nnz": self.projector.nnz if isinstance(self.projector, SparseProjector) else None,
             "block_cols": BLOCK_COLS,
             "generator": GENERATOR,
-            "scale": "entries of P have variance 1/k; take_prefix rescales a k' prefix by sqrt(k/k')",
+            "scale": "entries of P have variance 1/k; a k' prefix is a JL sketch whose inner "
+            "products are k'/k times the full ones (the surrogate fits scale-free, so no rescale)",
             "num_params": int(
                 sum(
                     dict(self.bundle.module.named_parameters())[n].numel() for n in self.param_names

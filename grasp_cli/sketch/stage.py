@@ -1,37 +1,48 @@
 """`grasp sketch`: θ0, then φ_i for every corpus row and r_t for every task -> RUN/sketches.zarr.
 
-Layout of the Zarr group: ``train`` [N, k] (chunks of ``chunk_rows`` rows),
-``train_ids`` [N] int64, ``tasks`` [T, k] float32, ``task_names`` [T] str.
-Work units are the row chunks plus one unit for the task residuals; each shard
-writes whole chunks and marks them done only after they are written.
+Read → compute → write. The work units are the row chunks of the sketch array (``sketch.
+chunk_rows`` rows each, read from the corpus shards as a stream) plus one unit for the task
+residuals; ``runner.run_units`` shards them, and each unit writes whole chunks, then records
+their digests in its completion marker. The arithmetic is in ``Sketcher`` (``sketcher.py``);
+the on-disk layout in ``artifacts/sketches.py``.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 import zarr
-from tqdm import tqdm
 
-from grasp_cli.artifacts.examples import iter_example_blocks, read_examples, read_tasks
+from grasp_cli.artifacts.examples import Examples, iter_example_blocks, read_examples, read_tasks
 from grasp_cli.artifacts.manifest import require
-from grasp_cli.artifacts.sharded import finish_if_complete, open_sharded
-from grasp_cli.artifacts.shards import UnitMarkers, owned_units
-from grasp_cli.artifacts.zarr_io import (
-    CheckedGroup,
-    chunk_digests,
-    open_group_read,
-    row_chunk_digests,
-)
+from grasp_cli.artifacts.zarr_io import chunk_digests, row_chunk_digests
 from grasp_cli.context import StageContext
 from grasp_cli.reference import data_shape_of, ensure_reference, new_bundle
+from grasp_cli.runner import run_units
 
 
-def sketch_seed(ctx: StageContext) -> int:
-    return ctx.config.derived_seed(ctx.config.sketch.seed, "sketch")
+def chunk_sketch(sketcher, corpus: Path, start: int, stop: int, batch_size: int, device: str):
+    """``(φ [stop−start, k] float32, ids [stop−start])`` for corpus rows ``[start, stop)``, streamed."""
+    rows, ids = [], []
+    for _, block in iter_example_blocks(corpus, start, stop, batch_size):
+        rows.append(sketcher.sketch_batch(_to_device(block.to_torch(), device)))
+        ids.append(block.ids)
+    sketch = np.concatenate(rows)
+    if not np.isfinite(sketch).all():
+        bad = start + int(np.argwhere(~np.isfinite(sketch))[0, 0])
+        raise FloatingPointError(
+            f"non-finite gradient sketch at corpus row {bad}; check θ0 and the data"
+        )
+    return sketch, np.concatenate(ids)
+
+
+def task_residuals(sketcher, tasks: dict[str, Examples], batch_size: int) -> np.ndarray:
+    """``r_t`` for every task, in sorted name order: float32 ``[T, k]``."""
+    return np.stack(
+        [sketcher.task_residual(_task_batches(tasks[name], batch_size)) for name in sorted(tasks)]
+    ).astype(np.float32)
 
 
 def run_sketch(ctx: StageContext) -> str:
@@ -45,9 +56,11 @@ def run_sketch(ctx: StageContext) -> str:
     bundle.module.load_state_dict(state)
     bundle.module.to(ctx.device)
 
-    from grasp_cli.sketch.sketcher import Sketcher
+    from grasp_cli.sketch.sketcher import Sketcher, SketchSettings
 
-    sketcher = Sketcher(bundle, config.sketch, sketch_seed(ctx), device=ctx.device)
+    sketcher = Sketcher(
+        bundle, SketchSettings.of(config.sketch), config.seed("sketch"), device=ctx.device
+    )
     tasks = read_tasks(layout.tasks)
     n_rows, k = len(corpus), sketcher.k
     del corpus  # rows are streamed from the shards below; memory stays bounded
@@ -70,87 +83,54 @@ def run_sketch(ctx: StageContext) -> str:
         group.attrs.update({"sketch": sketcher.describe(), "k": k, "n": n_rows, "dtype": dtype})
         return {"task_names": chunk_digests(names)}
 
-    manifest = open_sharded(
+    folder = layout.sketches
+
+    def work(units: list[int]) -> list[dict]:
+        (unit,) = units
+        group = zarr.open_group(str(folder), mode="r+")
+        if unit == n_chunks:
+            group["tasks"][:] = task_residuals(sketcher, tasks, config.sketch.task_batch_size)
+            return [{"digests": {"tasks": chunk_digests(group["tasks"])}}]
+        start, stop = unit * chunk, min((unit + 1) * chunk, n_rows)
+        sketch, ids = chunk_sketch(
+            sketcher, layout.corpus, start, stop, config.sketch.batch_size, ctx.device
+        )
+        group["train"][start:stop] = sketch.astype(dtype)
+        group["train_ids"][start:stop] = ids
+        digests = {
+            "train": row_chunk_digests(group["train"], start, stop),
+            "train_ids": row_chunk_digests(group["train_ids"], start, stop),
+        }
+        return [{"digests": digests}]
+
+    report = run_units(
         ctx,
         "sketches",
-        skeleton,
-        units=n_chunks + 1,
-        seeds={"sketch": sketch_seed(ctx)},
+        n_chunks + 1,
+        work,
+        skeleton=skeleton,
+        seeds={"sketch": config.seed("sketch")},
         extra={"n": n_rows, "k": k, "chunk_rows": chunk, "task_names": task_names},
+        weight=lambda unit: _unit_rows(unit, n_rows, chunk),
+        unit_name="rows",
     )
-    folder = layout.sketches
-    markers = UnitMarkers(folder)
-    group = zarr.open_group(str(folder), mode="r+")
-    todo = [u for u in owned_units(n_chunks + 1, ctx.shard) if ctx.force or not markers.is_done(u)]
-    started, done_rows = time.perf_counter(), 0
-    bar = tqdm(
-        total=sum(_unit_rows(u, n_rows, chunk) for u in todo),
-        unit="ex",
-        desc=f"sketch {ctx.shard}",
-        disable=not ctx.progress,
-        smoothing=0.1,
+    done_rows = int(report.weight)
+    return (
+        f"sketch: {done_rows} rows in {report.elapsed_s:.1f}s "
+        f"({report.rate('ex') if done_rows else 'nothing to do'}), k={k}, "
+        f"{config.sketch.projection}; {report.state}"
     )
-    for unit in todo:
-        if unit == n_chunks:  # the task residuals
-            residuals = np.stack(
-                [
-                    sketcher.task_residual(
-                        _task_batches(tasks[name], config.sketch.task_batch_size)
-                    )
-                    for name in task_names
-                ]
-            )
-            group["tasks"][:] = residuals.astype(np.float32)
-            digests = {"tasks": chunk_digests(group["tasks"])}
-        else:
-            start, stop = unit * chunk, min((unit + 1) * chunk, n_rows)
-            rows, ids = [], []
-            for _, block in iter_example_blocks(
-                layout.corpus, start, stop, config.sketch.batch_size
-            ):
-                rows.append(sketcher.sketch_batch(_to_device(block.to_torch(), ctx.device)))
-                ids.append(block.ids)
-                bar.update(len(block))
-            sketch = np.concatenate(rows)
-            if not np.isfinite(sketch).all():
-                bad = start + int(np.argwhere(~np.isfinite(sketch))[0, 0])
-                raise FloatingPointError(
-                    f"non-finite gradient sketch at corpus row {bad}; check θ0 and the data"
-                )
-            group["train"][start:stop] = sketch.astype(dtype)
-            group["train_ids"][start:stop] = np.concatenate(ids)
-            digests = {
-                "train": row_chunk_digests(group["train"], start, stop),
-                "train_ids": row_chunk_digests(group["train_ids"], start, stop),
-            }
-            done_rows += stop - start
-        markers.mark_done(unit, digests=digests)
-    bar.close()
-    elapsed = time.perf_counter() - started
-    complete = finish_if_complete(folder, manifest)
-    rate = f"{done_rows / elapsed:.0f} ex/s" if done_rows and elapsed > 0 else "nothing to do"
-    state_text = (
-        "complete"
-        if complete
-        else f"{len(markers.missing(n_chunks + 1))} units left for other shards"
-    )
-    return f"sketch: {done_rows} rows in {elapsed:.1f}s ({rate}), k={k}, {config.sketch.projection}; {folder} {state_text}"
 
 
 def _unit_rows(unit: int, n_rows: int, chunk: int) -> int:
     return max(0, min((unit + 1) * chunk, n_rows) - unit * chunk) if unit * chunk < n_rows else 0
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+def _to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _task_batches(task, batch_size: int):
+def _task_batches(task: Examples, batch_size: int) -> Iterator[dict]:
     data = task.to_torch()
     for start in range(0, len(task), batch_size):
         yield {k: v[start : start + batch_size] for k, v in data.items()}
-
-
-def read_sketches(path: Path) -> CheckedGroup:
-    """``sketches.zarr`` for reading; a damaged chunk or metadata file is an InputError naming it."""
-    return open_group_read(path, "sketch")

@@ -1,19 +1,21 @@
 """Subset designs for retrain-subsets: uniform, mixture, within-domain, and given."""
 
+from grasp_cli.artifacts.subsets import (
+    SubsetInputError,
+    members_of,
+    pack_membership,
+    read_subset_table,
+    unpack_membership,
+)
 from grasp_cli.subsets.designs import (
     DESIGN_ORDER,
     DesignArgs,
     DomainLayout,
-    SubsetInputError,
     SubsetPlan,
     allocate,
     balanced_order,
-    members_of,
-    pack_membership,
     plan_subsets,
-    read_given,
     sample_subset,
-    unpack_membership,
 )
 
 __all__ = [
@@ -27,7 +29,7 @@ __all__ = [
     "members_of",
     "pack_membership",
     "plan_subsets",
-    "read_given",
+    "read_subset_table",
     "sample_subset",
     "unpack_membership",
 ]

@@ -37,37 +37,20 @@ from typing import Any
 
 import numpy as np
 
-from grasp_cli.errors import InputError
+from grasp_cli.artifacts.subsets import (
+    members_of,
+    pack_membership,
+    read_subset_table,
+    unpack_membership,
+)
 
 DESIGN_ORDER = ("mixture", "uniform", "within", "given")
 SAMPLED_DESIGNS = DESIGN_ORDER[:3]
 _DESIGN_CODE = {"mixture": 1, "uniform": 2, "within": 3}
 _ROLE_STREAM = 0x5EED
-ROLES = ("fit", "eval", "given")
 
 
-class SubsetInputError(InputError, ValueError):
-    """A given-subsets table is malformed (a ValueError, and a user-facing InputError)."""
-
-
-# ---------------------------------------------------------------- membership packing
-
-
-def pack_membership(mask: np.ndarray) -> np.ndarray:
-    """bool ``[..., N]`` -> uint8 ``[..., ceil(N/8)]`` (``np.packbits``, big bit order)."""
-    return np.packbits(np.asarray(mask, dtype=bool), axis=-1, bitorder="big")
-
-
-def unpack_membership(packed: np.ndarray, n_examples: int) -> np.ndarray:
-    """uint8 ``[..., ceil(N/8)]`` -> bool ``[..., N]``."""
-    return np.unpackbits(
-        np.asarray(packed, dtype=np.uint8), axis=-1, count=n_examples, bitorder="big"
-    ).astype(bool)
-
-
-def members_of(packed_row: np.ndarray, n_examples: int) -> np.ndarray:
-    """Sorted int64 row indices of one packed membership row."""
-    return np.flatnonzero(unpack_membership(packed_row, n_examples)).astype(np.int64)
+# Membership packing and the (subset_id, id[, role]) table reader live with the on-disk format.
 
 
 # ---------------------------------------------------------------- the plan
@@ -104,9 +87,6 @@ class SubsetPlan:
     def members(self, subset_id: int) -> np.ndarray:
         """Sorted int64 row indices of subset ``subset_id``."""
         return members_of(self.membership[subset_id], self.n_examples)
-
-    def ids_with_role(self, role: str) -> np.ndarray:
-        return np.flatnonzero(self.roles == role).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -312,87 +292,6 @@ def assign_roles(
     return {d: np.where(e, "eval", "fit") for d, e in is_eval.items()}
 
 
-# ---------------------------------------------------------------- given subsets
-
-
-def read_given(
-    source: Any, ids: np.ndarray, limit: int = 0, where: str | None = None
-) -> tuple[np.ndarray, list[str], list[dict[str, Any]]]:
-    """Subsets from a pyarrow Table or Parquet path with columns subset_id, id[, role].
-
-    ``ids``: the corpus ids ``[N]`` (row i has id ``ids[i]``). Returns membership bool
-    ``[G, N]`` (subsets in increasing subset_id; at most ``limit`` if ``limit > 0``),
-    roles, and params ``{"given_subset_id": ...}``. Unknown ids raise ``SubsetInputError``
-    naming up to 10 of them; a subset with mixed roles or an unknown role raises too.
-    ``where`` names the source in messages (default: the path, or "given subsets").
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if isinstance(source, (str, Path)):
-        where = where or str(source)
-        if not Path(source).exists():
-            raise SubsetInputError(f"{where}: file not found (set subsets.given to a Parquet file)")
-        table = pq.read_table(source)
-    elif isinstance(source, pa.Table):
-        where = where or "given subsets"
-        table = source
-    else:
-        raise TypeError(f"expected a pyarrow Table or a path, got {type(source).__name__}")
-    missing = [c for c in ("subset_id", "id") if c not in table.column_names]
-    if missing:
-        raise SubsetInputError(
-            f"{where}: missing column(s) {', '.join(missing)} (need subset_id, id[, role]; found {', '.join(table.column_names)})"
-        )
-    subset_ids = np.asarray(table.column("subset_id").to_numpy(zero_copy_only=False))
-    example_ids = np.asarray(table.column("id").to_numpy(zero_copy_only=False))
-    ids = np.asarray(ids)
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    if len(sorted_ids) > 1 and (sorted_ids[1:] == sorted_ids[:-1]).any():
-        raise ValueError("corpus ids are not unique")
-    try:
-        pos = np.searchsorted(sorted_ids, example_ids)
-    except TypeError:
-        raise SubsetInputError(
-            f"{where}: column id has type {example_ids.dtype}, corpus ids are {ids.dtype}"
-        ) from None
-    pos = np.minimum(pos, len(sorted_ids) - 1)
-    known = sorted_ids[pos] == example_ids
-    if not known.all():
-        unknown = list(dict.fromkeys(example_ids[~known].tolist()))
-        shown = ", ".join(map(str, unknown[:10])) + (
-            f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
-        )
-        raise SubsetInputError(f"{where}: {len(unknown)} id(s) not in the corpus: {shown}")
-    rows = order[pos]
-    roles_col = (
-        np.asarray(table.column("role").to_numpy(zero_copy_only=False)).astype(str)
-        if "role" in table.column_names
-        else None
-    )
-    unique_sids = np.unique(subset_ids)
-    if limit > 0:
-        unique_sids = unique_sids[:limit]
-    masks = np.zeros((len(unique_sids), len(ids)), dtype=bool)
-    roles: list[str] = []
-    params: list[dict[str, Any]] = []
-    for g, sid in enumerate(unique_sids):
-        selected = subset_ids == sid
-        masks[g, rows[selected]] = True
-        role = "given"
-        if roles_col is not None:
-            values = np.unique(roles_col[selected])
-            if len(values) != 1 or values[0] not in ROLES:
-                raise SubsetInputError(
-                    f"{where}: subset_id {sid} has role(s) {', '.join(values)}; use one of {', '.join(ROLES)} per subset"
-                )
-            role = str(values[0])
-        roles.append(role)
-        params.append({"given_subset_id": sid.item() if hasattr(sid, "item") else sid})
-    return masks, roles, params
-
-
 # ---------------------------------------------------------------- combining designs
 
 
@@ -454,7 +353,7 @@ def plan_subsets(
         corpus_ids = np.arange(n_examples, dtype=np.int64) if ids is None else np.asarray(ids)
         if len(corpus_ids) != n_examples:
             raise ValueError(f"ids has {len(corpus_ids)} entries for a corpus of {n_examples}")
-        masks, given_roles, given_params = read_given(
+        masks, given_roles, given_params, _ = read_subset_table(
             source, corpus_ids, counts["given"], where=str(path) if path else None
         )
         for mask, role, drawn in zip(masks, given_roles, given_params, strict=True):
@@ -475,11 +374,15 @@ def plan_subsets(
     )
 
 
-def balanced_order(plan: SubsetPlan) -> np.ndarray:
+def balanced_order(plan: SubsetPlan | np.ndarray) -> np.ndarray:
     """Subset ids interleaved across designs (each design's subsets spread evenly), so that a
-    prefix (``--limit M``) holds every design in proportion. A permutation of ``plan.subset_ids``."""
-    keys = np.zeros(len(plan))
-    for name in np.unique(plan.design):
-        members = np.flatnonzero(plan.design == name)
+    prefix (``--limit M``) holds every design in proportion. A permutation of the subset ids.
+
+    ``plan``: a ``SubsetPlan`` or just its ``design`` array ``[M]``.
+    """
+    design = np.asarray(plan.design if isinstance(plan, SubsetPlan) else plan)
+    keys = np.zeros(len(design))
+    for name in np.unique(design):
+        members = np.flatnonzero(design == name)
         keys[members] = (np.arange(len(members)) + 0.5) / len(members)
-    return np.lexsort((plan.subset_ids, keys)).astype(np.int64)
+    return np.lexsort((np.arange(len(design)), keys)).astype(np.int64)

@@ -16,14 +16,12 @@ from grasp_cli.surrogate.baselines import (
 from grasp_cli.surrogate.features import (
     CorpusMoments,
     SubsetFeatures,
-    accumulate_subset_sums,
     compute_subset_features,
     dense_membership,
 )
 from grasp_cli.surrogate.gains import (
     ExampleGains,
     example_gains,
-    iter_surrogate_gains,
     surrogate_gains,
 )
 from grasp_cli.surrogate.geometry import GEOMETRIES, geometry_matrix, sq_norm
@@ -44,11 +42,10 @@ from grasp_cli.surrogate.model import (
     subset_aggregates,
 )
 from grasp_cli.surrogate.protocol import (
-    EVALUATION_COLUMNS,
-    LCB_COLUMNS,
     MethodFit,
     MethodSpec,
     ProtocolResult,
+    ProtocolSettings,
     baseline_specs,
     cost_curve,
     evaluate_methods,
@@ -61,9 +58,7 @@ from grasp_cli.surrogate.protocol import (
 
 __all__ = [
     "AGGREGATIONS",
-    "EVALUATION_COLUMNS",
     "GEOMETRIES",
-    "LCB_COLUMNS",
     "CandidateScore",
     "ConstantBaseline",
     "CorpusMoments",
@@ -75,9 +70,9 @@ __all__ = [
     "MethodFit",
     "MethodSpec",
     "ProtocolResult",
+    "ProtocolSettings",
     "SubsetFeatures",
     "TrakBaseline",
-    "accumulate_subset_sums",
     "baseline_specs",
     "bootstrap_correlations",
     "check_utilities",
@@ -94,7 +89,6 @@ __all__ = [
     "geometry_matrix",
     "grasp_spec",
     "hoeffding_lcb",
-    "iter_surrogate_gains",
     "pearson",
     "rank_columns",
     "repeated_kfold",

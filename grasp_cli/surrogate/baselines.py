@@ -121,21 +121,26 @@ class TrakBaseline(_ScoreBaseline):
         ridge: float = 1e-3,
         aggregation: str = "mean",
     ) -> None:
-        residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
-        self.k_prime = int(residuals.shape[1] if k_prime is None else k_prime)
-        if not 0 < self.k_prime <= min(residuals.shape[1], moments.k):
-            raise ValueError(f"TRAK: sketch prefix k'={self.k_prime} is out of range")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {aggregation!r}")
+        """Store the hyperparameters; the kernel solve happens in ``fit``."""
+        self.residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
+        self.moments = moments
+        self.k_prime = int(self.residuals.shape[1] if k_prime is None else k_prime)
         self.ridge = float(ridge)
         self.aggregation = aggregation
-        r = residuals[:, : self.k_prime]
+
+    def fit(self, features: SubsetFeatures, utilities: np.ndarray) -> TrakBaseline:
+        if not 0 < self.k_prime <= min(self.residuals.shape[1], self.moments.k):
+            raise ValueError(f"TRAK: sketch prefix k'={self.k_prime} is out of range")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}")
+        r = self.residuals[:, : self.k_prime]
         if math.isinf(self.ridge):
             self.directions = r.copy()
         else:
-            gram = moments.gram[: self.k_prime, : self.k_prime]
+            gram = self.moments.gram[: self.k_prime, : self.k_prime]
             penalty = self.ridge * float(np.trace(gram)) / self.k_prime
             self.directions = ridge_solve(gram, r.T, penalty).T  # [T, k']
+        return super().fit(features, utilities)
 
     def scores(self, features: SubsetFeatures) -> np.ndarray:
         return features.sums[:, : self.k_prime] @ self.directions.T / self._divisor(features)
@@ -155,13 +160,17 @@ class GradientCosine(_ScoreBaseline):
     kind = "cosine"
 
     def __init__(self, residuals: np.ndarray, *, k_prime: int, aggregation: str = "mean") -> None:
-        residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))[:, :k_prime]
+        self.residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
+        self.k_prime = int(k_prime)
+        self.aggregation = aggregation
+
+    def fit(self, features: SubsetFeatures, utilities: np.ndarray) -> GradientCosine:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}")
+        residuals = self.residuals[:, : self.k_prime]
         norms = np.linalg.norm(residuals, axis=1, keepdims=True)
         self.unit_residuals = residuals / np.where(norms > 0, norms, 1.0)
-        self.k_prime = int(k_prime)
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {aggregation!r}")
-        self.aggregation = aggregation
+        return super().fit(features, utilities)
 
     def scores(self, features: SubsetFeatures) -> np.ndarray:
         if self.k_prime not in features.normalized_sums:
@@ -188,8 +197,6 @@ class Datamodels:
     kind = "datamodels"
 
     def __init__(self, *, ridge: float = 1e-1) -> None:
-        if not ridge >= 0 or math.isinf(ridge):
-            raise ValueError(f"datamodels ridge must be finite and >= 0, got {ridge}")
         self.ridge = float(ridge)
 
     @staticmethod
@@ -201,6 +208,8 @@ class Datamodels:
         return features.overlaps[:, columns]
 
     def fit(self, features: SubsetFeatures, utilities: np.ndarray) -> Datamodels:
+        if not self.ridge >= 0 or math.isinf(self.ridge):
+            raise ValueError(f"datamodels ridge must be finite and >= 0, got {self.ridge}")
         values = check_utilities(utilities, len(features), "fit utilities")
         self.fit_ids_ = features.index.copy()
         kernel = self._overlaps(features, self.fit_ids_)
@@ -236,8 +245,6 @@ class DomainMixture:
     kind = "mixture"
 
     def __init__(self, *, ridge: float = 1e-1) -> None:
-        if not ridge >= 0 or math.isinf(ridge):
-            raise ValueError(f"mixture ridge must be finite and >= 0, got {ridge}")
         self.ridge = float(ridge)
 
     @staticmethod
@@ -248,6 +255,8 @@ class DomainMixture:
         return features.domain_counts / features.sizes[:, None]
 
     def fit(self, features: SubsetFeatures, utilities: np.ndarray) -> DomainMixture:
+        if not self.ridge >= 0 or math.isinf(self.ridge):
+            raise ValueError(f"mixture ridge must be finite and >= 0, got {self.ridge}")
         values = check_utilities(utilities, len(features), "fit utilities")
         props = self._proportions(features)
         self.x_mean_ = props.mean(axis=0)

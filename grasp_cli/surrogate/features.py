@@ -23,7 +23,6 @@ import numpy as np
 __all__ = [
     "CorpusMoments",
     "SubsetFeatures",
-    "accumulate_subset_sums",
     "compute_subset_features",
     "dense_membership",
 ]
@@ -270,11 +269,3 @@ def compute_subset_features(
         n_examples=int(n_examples),
     )
     return features, CorpusMoments(n=int(n_examples), total=total, gram=gram)
-
-
-def accumulate_subset_sums(
-    membership_packed: np.ndarray, phi_blocks: Iterable[tuple[int, np.ndarray]]
-) -> np.ndarray:
-    """``Σ_{i∈S} φ_i`` ``[M, k]`` float64 from packed membership and ``(start, block)`` pairs."""
-    features, _ = compute_subset_features(membership_packed, phi_blocks)
-    return features.sums

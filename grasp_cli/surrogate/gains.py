@@ -27,14 +27,13 @@ leave-one-out).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from grasp_cli.surrogate.model import GraspSurrogate
 
-__all__ = ["ExampleGains", "example_gains", "iter_surrogate_gains", "surrogate_gains"]
+__all__ = ["ExampleGains", "example_gains", "surrogate_gains"]
 
 
 @dataclass
@@ -129,26 +128,3 @@ def surrogate_gains(
         n_ref=surrogate.n_ref_,
         in_reference=in_reference,
     )
-
-
-def iter_surrogate_gains(
-    surrogate: GraspSurrogate,
-    phi_blocks: Iterable[tuple[int, np.ndarray]],
-    *,
-    reference_sum: np.ndarray,
-    reference_size: float,
-    reference_mask: np.ndarray | None = None,
-) -> Iterator[tuple[int, ExampleGains]]:
-    """Stream ``(start, gains)`` over ``(start, block)`` pairs; ``reference_mask``: bool ``[N]``."""
-    for start, block in phi_blocks:
-        member = None if reference_mask is None else reference_mask[start : start + block.shape[0]]
-        yield (
-            start,
-            surrogate_gains(
-                surrogate,
-                block,
-                reference_sum=reference_sum,
-                reference_size=reference_size,
-                in_reference=member,
-            ),
-        )

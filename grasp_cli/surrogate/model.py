@@ -221,43 +221,58 @@ class GraspSurrogate:
         task_names: Sequence[str] | None = None,
         alignment: str = "plain",
     ) -> None:
-        residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
-        k = residuals.shape[1]
-        self.k_prime = int(k if k_prime is None else k_prime)
-        if not 0 < self.k_prime <= k:
-            raise ValueError(f"sketch prefix k'={self.k_prime} must lie in 1..{k}")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {aggregation!r}: choose 'mean' or 'sum'")
-        if not ridge >= 0:
-            raise ValueError(f"ridge λ must be >= 0 (or inf), got {ridge}")
-        if alignment not in ALIGNMENTS:
-            raise ValueError(f"unknown alignment {alignment!r}: choose 'plain' or 'natural'")
-        self.alignment = alignment
-        self.residuals = residuals[:, : self.k_prime].copy()
-        if alignment == "natural":
-            self.residuals = natural_direction(self.residuals, moments)
+        """Store the hyperparameters; nothing is computed until ``fit`` (scikit-learn style)."""
+        self.targets = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
+        self.k_prime = int(self.targets.shape[1] if k_prime is None else k_prime)
         self.geometry = geometry if quadratic else "identity"
         self.ridge = float(ridge)
         self.aggregation = aggregation
         self.quadratic = bool(quadratic)
+        self.moments = moments
+        self.alignment = alignment
         self.task_names = (
             list(task_names)
             if task_names is not None
-            else [f"task{t}" for t in range(residuals.shape[0])]
+            else [f"task{t}" for t in range(self.targets.shape[0])]
         )
-        if len(self.task_names) != residuals.shape[0]:
-            raise ValueError(
-                f"{len(self.task_names)} task names for {residuals.shape[0]} residuals"
-            )
-        self.metric_ = geometry_matrix(self.geometry, self.k_prime, moments)
         self.n_ref_: float | None = None
         self.n_fit_ = 0
+
+    def _check_params(self) -> None:
+        k = self.targets.shape[1]
+        if not 0 < self.k_prime <= k:
+            raise ValueError(f"sketch prefix k'={self.k_prime} must lie in 1..{k}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}: choose 'mean' or 'sum'")
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge λ must be >= 0 (or inf), got {self.ridge}")
+        if self.alignment not in ALIGNMENTS:
+            raise ValueError(f"unknown alignment {self.alignment!r}: choose 'plain' or 'natural'")
+        if len(self.task_names) != self.targets.shape[0]:
+            raise ValueError(
+                f"{len(self.task_names)} task names for {self.targets.shape[0]} residuals"
+            )
+
+    def directions(self) -> np.ndarray:
+        """The task directions ``[T, k']`` the alignment term uses: the targets' prefix, or
+        their natural (metric-preconditioned) version."""
+        self._check_params()
+        prefix = self.targets[:, : self.k_prime].copy()
+        if self.alignment == "natural":
+            return natural_direction(prefix, self.moments)
+        return prefix
 
     # ------------------------------------------------------------------ fitting
 
     @property
     def n_tasks(self) -> int:
-        return int(self.residuals.shape[0])
+        return int(self.targets.shape[0])
+
+    @property
+    def residuals(self) -> np.ndarray:
+        """The fitted task directions ``[T, k']`` (``directions()`` frozen at ``fit``)."""
+        self._check_fitted()
+        return self.directions_
 
     def aggregates(self, features: SubsetFeatures) -> np.ndarray:
         """``m_S`` ``[M, k']`` for the model's aggregation (needs a fitted ``n_ref`` for 'sum')."""
@@ -271,6 +286,8 @@ class GraspSurrogate:
         if len(features) < 2:
             raise ValueError("GRASP needs at least 2 fit subsets")
         features.check_nonempty()
+        self.directions_ = self.directions()
+        self.metric_ = geometry_matrix(self.geometry, self.k_prime, self.moments)
         self.n_ref_ = float(np.mean(features.sizes))
         means = self.aggregates(features)
         n = means.shape[0]
@@ -295,7 +312,7 @@ class GraspSurrogate:
             pu, pv = left.T @ uc, left.T @ vc
             return uc.T @ vc - pu.T @ (shrink[:, None] * pv)
 
-        alignment_x = means @ self.residuals.T  # [n, T]
+        alignment_x = means @ self.directions_.T  # [n, T]
         penalty_x = -0.5 * sq_norm(means, self.metric_)  # [n]
         self.intercepts_ = np.zeros(self.n_tasks)
         self.alignment_ = np.zeros(self.n_tasks)
@@ -406,18 +423,21 @@ class GraspSurrogate:
 
     @classmethod
     def from_arrays(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> GraspSurrogate:
-        """Rebuild a fitted surrogate from ``params()`` and ``to_arrays()``."""
+        """Rebuild a fitted surrogate from ``params()`` and ``to_arrays()`` (deserialization:
+        the constructor takes the hyperparameters, the stored arrays are the fitted state)."""
+        directions = np.asarray(arrays["residuals"], dtype=np.float64)
         model = cls(
-            np.asarray(arrays["residuals"], dtype=np.float64),
+            directions,
             k_prime=int(params["k"]),
-            geometry="identity",
+            geometry=params["geometry"],
             ridge=float_from_json(params["ridge"]),
             aggregation=params["aggregation"],
             quadratic=bool(params["quadratic"]),
             task_names=[task["task"] for task in params["tasks"]],
+            alignment="plain",  # the stored directions are already the fitted (e.g. natural) ones
         )
-        model.geometry = params["geometry"]
-        model.alignment = params.get("alignment", "plain")
+        model._check_params()
+        model.directions_ = directions
         model.metric_ = np.asarray(arrays["metric"], dtype=np.float64)
         model.corrections_ = np.asarray(arrays["corrections"], dtype=np.float64)
         model.intercepts_ = np.asarray(arrays["intercepts"], dtype=np.float64)
@@ -427,3 +447,17 @@ class GraspSurrogate:
         model.n_ref_ = float(params["n_ref"])
         model.n_fit_ = int(params["n_fit"])
         return model
+
+    def unfitted_copy(self) -> GraspSurrogate:
+        """A new, unfitted surrogate with the same hyperparameters (the one factory for refits)."""
+        return GraspSurrogate(
+            self.targets,
+            k_prime=self.k_prime,
+            geometry=self.geometry,
+            ridge=self.ridge,
+            aggregation=self.aggregation,
+            quadratic=self.quadratic,
+            moments=self.moments,
+            task_names=self.task_names,
+            alignment=self.alignment,
+        )

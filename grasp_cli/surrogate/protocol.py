@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from grasp_cli.config import SurrogateSection
 from grasp_cli.surrogate.baselines import (
     ConstantBaseline,
     Datamodels,
@@ -47,11 +46,10 @@ from grasp_cli.surrogate.metrics import bootstrap_correlations, pearson, spearma
 from grasp_cli.surrogate.model import GraspSurrogate, check_utilities
 
 __all__ = [
-    "LCB_COLUMNS",
-    "EVALUATION_COLUMNS",
     "MethodFit",
     "MethodSpec",
     "ProtocolResult",
+    "ProtocolSettings",
     "baseline_specs",
     "cost_curve",
     "evaluate_methods",
@@ -62,29 +60,39 @@ __all__ = [
     "split_by_role",
 ]
 
-LCB_COLUMNS = (
-    "method",
-    "n_fit",
-    "k",
-    "geometry",
-    "ridge",
-    "aggregation",
-    "mean",
-    "lcb",
-    "n",
-    "failures",
-    "chosen",
-)
-EVALUATION_COLUMNS = (
-    "method",
-    "task",
-    "n_fit",
-    "spearman",
-    "ci_low",
-    "ci_high",
-    "pearson",
-    "n_eval",
-)
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """The finite candidate grids and cross-validation settings (plain values, no CLI types).
+
+    Field names match the ``[surrogate]`` config section, so ``ProtocolSettings.of(section)``
+    takes it (or any object with these attributes).
+    """
+
+    k_grid: tuple[int, ...] = (32, 128)
+    alignment_grid: tuple[str, ...] = ("plain", "natural")
+    geometry_grid: tuple[str, ...] = ("identity", "diagonal")
+    ridge_grid: tuple[float, ...] = (1.0, float("inf"))
+    aggregation_grid: tuple[str, ...] = ("mean",)
+    folds: int = 5
+    repeats: int = 2
+    delta: float = 0.1
+    baseline_ridge_grid: tuple[float, ...] = (1e-3, 1e-1, 10.0)
+    datamodels_max_n: int = 200_000
+    cost_curve: tuple[int, ...] = (8, 16, 32)
+    bootstrap: int = 1000
+
+    @classmethod
+    def of(cls, source: Any) -> ProtocolSettings:
+        if isinstance(source, cls):
+            return source
+        values = {}
+        for name, spec in cls.__dataclass_fields__.items():
+            value = getattr(source, name, spec.default)
+            values[name] = tuple(value) if isinstance(value, (list, tuple)) else value
+        return cls(**values)
+
+
 _AGGREGATION_ORDER = {"mean": 0, "sum": 1}
 
 
@@ -159,11 +167,11 @@ def _seed(seed: int, stream: int) -> int:
 
 
 def _valid_dims(k_grid: Sequence[int], k_max: int) -> list[int]:
-    dims = sorted({int(k) for k in k_grid if 0 < int(k) <= k_max})
-    if not dims:
-        raise ValueError(
-            f"surrogate.k_grid {list(k_grid)} has no prefix within the sketch dimension {k_max}"
-        )
+    """The sketch prefixes of ``k_grid``, sorted; ValueError when one exceeds ``k_max`` (the
+    stage checks the grid against the stored sketch first and says so in one line)."""
+    dims = sorted({int(k) for k in k_grid})
+    if not dims or dims[0] <= 0 or dims[-1] > k_max:
+        raise ValueError(f"k_grid {list(k_grid)} must list dims in 1..{k_max}")
     return dims
 
 
@@ -228,10 +236,11 @@ def baseline_specs(
     residuals: np.ndarray,
     moments: CorpusMoments,
     features_fit: SubsetFeatures,
-    settings: SurrogateSection,
+    settings: Any,
     task_names: Sequence[str] | None = None,
 ) -> tuple[list[MethodSpec], dict[str, str]]:
     """The baselines that the available features allow → (specs, {skipped method: reason})."""
+    settings = ProtocolSettings.of(settings)
     residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
     k_max = min(residuals.shape[1], features_fit.k)
     dims = _valid_dims(settings.k_grid, k_max)
@@ -531,7 +540,7 @@ def run_protocol(
     *,
     residuals: np.ndarray,
     moments: CorpusMoments,
-    settings: SurrogateSection,
+    settings: Any,
     seed: int,
     task_names: Sequence[str],
     baselines: bool = True,
@@ -545,6 +554,7 @@ def run_protocol(
        ``n`` in ``settings.cost_curve`` (the all-subsets point is the step-2 GRASP row).
     ``seed`` drives the folds; the bootstrap uses a seed derived from it.
     """
+    settings = ProtocolSettings.of(settings)
     values_fit = check_utilities(utilities_fit, len(features_fit), "fit utilities")
     task_names = list(task_names)
     if values_fit.shape[1] != len(task_names):

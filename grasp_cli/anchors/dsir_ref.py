@@ -1,0 +1,73 @@
+"""DSIR computed by the authors' ``data-selection`` package (``HashedNgramDSIR``) on grasp's rows.
+
+The rows (and each task's rows) are written as JSON lines ``{"id": ..., "text": ...}`` into a
+scratch folder, the package fits its importance estimator on all tokens, computes the log
+importance weights, and resamples ``budget`` rows balanced over the tasks
+(``separate_targets=True`` with equal ``target_proportions``); the selected ids are read back
+from its output. ``min_example_length=0``: grasp's units are short fixed-length rows.
+The package draws its Gumbel noise from NumPy's global generator, which is seeded here.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from grasp_cli.anchors import missing
+
+
+def _write_jsonl(path: Path, ids: Sequence[int], texts: Sequence[str]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for example_id, text in zip(ids, texts, strict=True):
+            handle.write(json.dumps({"id": int(example_id), "text": text}) + "\n")
+
+
+def dsir_reference(
+    ids: np.ndarray,
+    texts: Sequence[str],
+    target_texts: dict[str, Sequence[str]],
+    budget: int,
+    seed: int,
+    top_k: bool = False,
+    scratch: Path | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(selected ids sorted, log importance weights ``[N, T]``) from ``data_selection``."""
+    try:
+        import data_selection as package
+    except ImportError:
+        raise missing("data-selection", "DSIR (dsir-ref)") from None
+    with tempfile.TemporaryDirectory(dir=scratch) as folder:
+        root = Path(folder)
+        _write_jsonl(root / "raw.jsonl", ids, texts)
+        targets = []
+        for name in sorted(target_texts):
+            path = root / f"target-{len(targets)}.jsonl"
+            _write_jsonl(path, range(len(target_texts[name])), target_texts[name])
+            targets.append(str(path))
+        dsir = package.HashedNgramDSIR(
+            raw_datasets=[str(root / "raw.jsonl")],
+            target_datasets=targets,
+            cache_dir=str(root / "cache"),
+            num_proc=1,
+            min_example_length=0,
+            separate_targets=True,
+            target_proportions=[1.0] * len(targets),
+        )
+        dsir.fit_importance_estimator(num_tokens_to_fit="all")
+        dsir.compute_importance_weights()
+        weights = np.load(root / "cache" / "log_importance_weights" / "0.npy", allow_pickle=False)
+        state = np.random.get_state()
+        np.random.seed(seed % (2**32))
+        try:
+            dsir.resample(out_dir=str(root / "out"), num_to_sample=budget, top_k=top_k)
+        finally:
+            np.random.set_state(state)
+        chosen = []
+        for path in sorted((root / "out").glob("*.jsonl")):
+            with open(path, encoding="utf-8") as handle:
+                chosen += [json.loads(line)["id"] for line in handle if line.strip()]
+    return np.sort(np.asarray(chosen, dtype=np.int64)), np.asarray(weights, dtype=np.float64)

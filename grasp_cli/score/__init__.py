@@ -1,0 +1,1 @@
+"""`grasp score`: predicted utilities of subsets and marginal gains of examples."""
