@@ -13,6 +13,8 @@ RUN         ?= runs/demo
 PYTEST_ARGS ?= -m "not slow"
 # Local parallel shards for the heavy stages (one per core), split as a SLURM array would.
 SHARDS      ?= 2
+# Closed-loop rounds after the first selection (0 = open loop).
+LOOP_ROUNDS ?= 2
 
 BIN   := $(VENV)/bin
 GRASP := $(BIN)/grasp
@@ -28,7 +30,7 @@ $(VENV)/.torch: | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install --quiet -e ".[report]"
+	$(BIN)/python -m pip install --quiet -e ".[report,anchors]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
@@ -53,6 +55,7 @@ pipeline:
 	$(GRASP) fit-surrogate --config $(CONFIG) --run $(RUN)
 	scripts/run_shards.sh $(SHARDS) $(GRASP) score --config $(CONFIG) --run $(RUN)
 	$(GRASP) select --config $(CONFIG) --run $(RUN)
+	scripts/loop.sh $(LOOP_ROUNDS) $(SHARDS) $(GRASP) --config $(CONFIG) --run $(RUN)
 	scripts/run_shards.sh $(SHARDS) $(GRASP) retrain-subsets --config $(CONFIG) --run $(RUN) --curation
 	$(GRASP) report --config $(CONFIG) --run $(RUN)
 	@echo "report: $(RUN)/report/index.html"

@@ -114,6 +114,22 @@ class SketchSection:
     dtype: str = _f("float32", "Stored sketch dtype: 'float32' or 'float16'.")
     chunk_rows: int = _f(1024, "Rows per Zarr chunk (the unit of sharding and resumption).")
     task_batch_size: int = _f(256, "Examples per batch when accumulating task gradients.")
+    trak_k: int = _f(
+        0,
+        "TRAK's features: dense Gaussian projection (this many dims) of the per-example "
+        "gradients of the model output (margin) over all parameters, with out-to-loss weights; "
+        "the faithful TRAK baseline and GRASP's 'trak' feature set need it (0 = off).",
+    )
+    trak_params: list[str] = _f([], "Parameter globs for TRAK's features (empty = all, as TRAK).")
+    trak_ref: str = _f(
+        "auto",
+        "Also run the authors' traker package on θ0 (the trak-ref baseline): 'auto' = when "
+        "installed and trak_k > 0, 'on' = required, 'off'.",
+    )
+    trak_ref_lambdas: list[float] = _f(
+        [0.0, 1e-3, 1e-2, 1e-1, 1.0],
+        "trak-ref: traker's lambda_reg grid, relative to tr(ΦᵀΦ)/k (chosen on fit subsets).",
+    )
 
 
 @dataclass
@@ -149,11 +165,37 @@ class RetrainSection:
 
 
 @dataclass
+class LoopSection:
+    subsets: int = _f(
+        8, "Closed loop: subsets near each proposal measured per round (beside the proposal)."
+    )
+    swap: float = _f(0.3, "Closed loop: largest share of a proposal swapped in a perturbation.")
+    rounds: int = _f(2, "Closed loop: rounds `scripts/loop.sh` / `make loop` runs.")
+
+
+@dataclass
 class SurrogateSection:
-    k_grid: list[int] = _f([32, 128], "Sketch prefix dims k' tried by the LCB protocol.")
+    k_grid: list[int] = _f(
+        [32, 128],
+        "Feature prefix dims k' tried by the LCB protocol (each set also tries its whole k).",
+    )
+    feature_grid: list[str] = _f(
+        ["sketch", "trak"],
+        "Feature sets GRASP may aggregate: 'sketch' (loss-gradient sketches) and 'trak' (TRAK's "
+        "Q-weighted output gradients; needs sketch.trak_k > 0).",
+    )
     alignment_grid: list[str] = _f(
-        ["plain", "natural"],
-        "Task direction the alignment term uses: 'plain' (r_t) and/or 'natural' ((C+εI)⁻¹ r_t, C = ΦᵀΦ/N).",
+        ["plain", "natural", "kernel"],
+        "Task direction of the alignment term: 'plain' (the task gradient g_t), 'natural' "
+        "((C+εI)⁻¹ g_t, C = ΦᵀΦ/N), 'kernel' (TRAK's (K+λI)⁻¹ g_t, λ from kernel_ridge_grid).",
+    )
+    kernel_ridge_grid: list[float] = _f(
+        [1e-2, 1e-1, 1.0], "Relative ridges of the 'kernel' alignment (λ · tr(K)/k')."
+    )
+    quadratic_grid: list[bool] = _f(
+        [True, False],
+        "With and/or without the quadratic penalty: with both, GRASP's family holds the additive "
+        "models (TRAK among them) and the protocol keeps the term only where it earns its place.",
     )
     geometry_grid: list[str] = _f(
         ["identity", "diagonal"], "Geometries G: identity, diagonal, whitened."
@@ -166,7 +208,11 @@ class SurrogateSection:
     repeats: int = _f(2, "Repeats of K-fold.")
     delta: float = _f(0.1, "Failure probability of the lower confidence bound.")
     baseline_ridge_grid: list[float] = _f(
-        [1e-3, 1e-1, 10.0], "λ grid (relative) for TRAK/datamodels/mixture."
+        [1e-3, 1e-1, 10.0], "λ grid (relative) for datamodels and the domain-mixture regression."
+    )
+    trak_ridge_grid: list[float] = _f(
+        [1e-4, 1e-3, 1e-2, 1e-1, 1.0],
+        "TRAK's kernel ridge λ (relative to tr(ΨᵀΨ)/k'), from ~0 up; chosen on fit subsets.",
     )
     datamodels_max_n: int = _f(200_000, "Skip datamodels above this corpus size.")
     cost_curve: list[int] = _f(
@@ -206,11 +252,40 @@ class SelectSection:
         "none", "'none', 'tasks' (LCB across tasks) or 'bootstrap' (LCB across refits)."
     )
     robust_kappa: float = _f(1.0, "Robust mode: mean - kappa * std.")
+    trust_region: str = _f(
+        "none",
+        "'mixture': keep the selection where the surrogate was fitted — each domain's share at "
+        "most its largest share in a fit subset (caps on top of domain_caps); 'none'.",
+    )
     max_iters: int = _f(20, "Stream: most passes over the sketches.")
     greedy_max_n: int = _f(50_000, "auto: exact greedy up to this N, stream above.")
     block_rows: int = _f(262_144, "Stream: rows read per block.")
     curation: bool = _f(
-        True, "Write GRASP / random / additive-top-B selections for the curation check."
+        True,
+        "Write the curation check's selections: GRASP's and every selector of curation_selectors.",
+    )
+    curation_selectors: list[str] = _f(
+        [
+            "grasp-trust",
+            "random",
+            "additive",
+            "trak",
+            "domain-match",
+            "regmix",
+            "dsir",
+            "dsir-ref",
+            "whole",
+        ],
+        "Selections trained beside GRASP's (same budget and recipe): 'grasp-trust' (GRASP "
+        "within the trust region of select.trust_region = 'mixture'); 'random'; 'additive' "
+        "(GRASP without the quadratic term, top-B); 'trak' (faithful TRAK top-B); 'domain-match' "
+        "(the budget spread over the tasks' corpus domains); 'regmix' (the mixture regression's "
+        "best mixture); 'dsir' / 'dsir-ref' (hashed n-gram importance resampling, ours / the "
+        "authors' package); 'whole' (the whole corpus, a reference line). Selectors a run cannot "
+        "make are skipped with the reason recorded.",
+    )
+    curation_seeds: int = _f(
+        3, "Seeds each curation selection is trained with (mean ± std and paired differences)."
     )
 
 
@@ -223,6 +298,7 @@ class GraspConfig:
     sketch: SketchSection = field(default_factory=SketchSection)
     subsets: SubsetsSection = field(default_factory=SubsetsSection)
     retrain: RetrainSection = field(default_factory=RetrainSection)
+    loop: LoopSection = field(default_factory=LoopSection)
     surrogate: SurrogateSection = field(default_factory=SurrogateSection)
     score: ScoreSection = field(default_factory=ScoreSection)
     select: SelectSection = field(default_factory=SelectSection)
@@ -383,6 +459,8 @@ _CHOICES = {
     ("retrain", "init"): ("reference", "scratch"),
     ("select", "algorithm"): ("auto", "greedy", "stream"),
     ("select", "robust"): ("none", "tasks", "bootstrap"),
+    ("sketch", "trak_ref"): ("auto", "on", "off"),
+    ("select", "trust_region"): ("none", "mixture"),
     ("score", "reference"): ("corpus", "selection"),
 }
 
@@ -394,14 +472,39 @@ def validate(config: GraspConfig) -> None:
         if value not in choices:
             raise ConfigError(f"{section}.{key} = {value!r}: choose one of {', '.join(choices)}")
     for alignment in config.surrogate.alignment_grid:
-        if alignment not in ("plain", "natural"):
+        if alignment not in ("plain", "natural", "kernel"):
             raise ConfigError(f"surrogate.alignment_grid: unknown alignment {alignment!r}")
+    for feature_set in config.surrogate.feature_grid:
+        if feature_set not in ("sketch", "trak"):
+            raise ConfigError(f"surrogate.feature_grid: unknown feature set {feature_set!r}")
+    for name in ("kernel_ridge_grid", "trak_ridge_grid"):
+        for value in getattr(config.surrogate, name):
+            if not value > 0 or not math.isfinite(value):
+                raise ConfigError(f"surrogate.{name}: {value!r} must be a finite number > 0")
+    if not config.surrogate.quadratic_grid:
+        raise ConfigError("surrogate.quadratic_grid must list true and/or false")
     for geometry in config.surrogate.geometry_grid:
         if geometry not in ("identity", "diagonal", "whitened"):
             raise ConfigError(f"surrogate.geometry_grid: unknown geometry {geometry!r}")
     for aggregation in config.surrogate.aggregation_grid:
         if aggregation not in ("mean", "sum"):
             raise ConfigError(f"surrogate.aggregation_grid: unknown aggregation {aggregation!r}")
+    known = (
+        "grasp-trust",
+        "random",
+        "additive",
+        "trak",
+        "domain-match",
+        "regmix",
+        "dsir",
+        "dsir-ref",
+        "whole",
+    )
+    for selector in config.select.curation_selectors:
+        if selector not in known:
+            raise ConfigError(
+                f"select.curation_selectors: unknown selector {selector!r} (choose from {', '.join(known)})"
+            )
     for design in config.subsets.designs:
         if design not in ("mixture", "uniform", "within", "given"):
             raise ConfigError(f"subsets.designs: unknown design {design!r}")
@@ -427,6 +530,8 @@ def validate(config: GraspConfig) -> None:
         ("retrain", "lr"),
         ("retrain", "parallel_models"),
         ("retrain", "eval_batch_size"),
+        ("select", "curation_seeds"),
+        ("loop", "subsets"),
         ("surrogate", "folds"),
         ("surrogate", "repeats"),
         ("score", "chunk_rows"),
@@ -452,6 +557,7 @@ def validate(config: GraspConfig) -> None:
         ("surrogate", "bootstrap"),
         ("surrogate", "bootstrap_refits"),
         ("surrogate", "datamodels_max_n"),
+        ("sketch", "trak_k"),
         ("select", "robust_kappa"),
         ("select", "greedy_max_n"),
     ]
@@ -468,6 +574,7 @@ def validate(config: GraspConfig) -> None:
         ("subsets", "size_max", False, True),
         ("surrogate", "delta", False, False),
         ("surrogate", "max_excluded_fraction", True, True),
+        ("loop", "swap", False, True),
     ]
     for section, key, low_ok, high_ok in fractions:
         value = getattr(getattr(config, section), key)

@@ -70,6 +70,7 @@ def run_units(
     group: int = 1,
     weight: Callable[[int], float] = lambda unit: 1.0,
     unit_name: str = "units",
+    folder: Path | None = None,
 ) -> UnitReport:
     """Run this shard's unfinished units of ``artifact`` through ``work``; see the module doc.
 
@@ -77,7 +78,8 @@ def run_units(
     (``{"digests": ...}`` / ``{"files": ...}`` / None). ``order`` ranks the units for a call
     with ``limit`` (so that ``--limit`` keeps subset designs in proportion; a whole call goes in
     unit order); ``weight(unit)`` is what progress
-    counts for a unit (rows for sketch chunks, 1 for a training run).
+    counts for a unit (rows for sketch chunks, 1 for a training run). ``folder`` overrides
+    where the artifact lives (a round of the closed loop, ``RUN/loop/round-RRR``).
     """
     manifest = open_sharded(
         ctx.layout,
@@ -88,8 +90,9 @@ def run_units(
         force=ctx.force,
         seeds=seeds,
         extra=extra,
+        folder=folder,
     )
-    folder = ctx.layout.path(artifact)
+    folder = ctx.layout.path(artifact) if folder is None else Path(folder)
     markers = UnitMarkers(folder)
     owned = owned_units(n_units, ctx.shard)
     todo = [u for u in owned if ctx.force or not markers.is_done(u)]

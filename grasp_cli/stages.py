@@ -47,7 +47,11 @@ class Stage:
         return self.load()
 
     def artifact_owner(self, flags: dict[str, Any]) -> str:
-        return "retrain-subsets --curation" if flags.get("curation") else self.name
+        if flags.get("curation"):
+            return "retrain-subsets --curation"
+        if flags.get("loop"):
+            return "retrain-subsets --loop"
+        return self.name
 
     def writes(self, flags: dict[str, Any]) -> list[str]:
         owner = self.artifact_owner(flags)
@@ -220,6 +224,13 @@ STAGES: tuple[Stage, ...] = (
                 False,
                 "Train on the selections of `grasp select` (the curation check).",
                 ("--curation",),
+            ),
+            Flag(
+                "loop",
+                bool,
+                False,
+                "Closed loop: measure the current selection and subsets near it (next round).",
+                ("--loop",),
             ),
         ),
         sharded=True,

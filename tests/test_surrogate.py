@@ -100,8 +100,10 @@ def make_world(
     }
 
 
-SETTINGS = SurrogateSection(
+SETTINGS = SurrogateSection(  # the quadratic family: k' × alignment × G × λ (16 candidates)
     k_grid=[8, 16],
+    alignment_grid=["plain", "natural"],
+    quadratic_grid=[True],
     geometry_grid=["identity", "diagonal"],
     ridge_grid=[1.0, float("inf")],
     cost_curve=[8, 16, 200],
@@ -450,6 +452,36 @@ def test_protocol_tables_have_the_promised_shape(quadratic_protocol):
     assert result.surrogate.k_prime == chosen["k"] and result.surrogate.n_fit_ == 100
 
 
+def test_grasp_grid_nests_the_additive_models_and_trak_directions():
+    """With quadratic_grid [true, false] and the kernel alignment, the grid holds, for every
+    feature prefix, the additive models (no geometry) beside the quadratic ones."""
+    from grasp_cli.surrogate.protocol import FeatureSet, grasp_spec
+
+    w = make_world(2)
+    settings = SurrogateSection(
+        k_grid=[8],
+        alignment_grid=["plain", "kernel"],
+        kernel_ridge_grid=[0.1, 1.0],
+        quadratic_grid=[True, False],
+        geometry_grid=["identity", "whitened"],
+        ridge_grid=[float("inf")],
+        aggregation_grid=["mean", "sum"],
+    )
+    spec = grasp_spec([FeatureSet("sketch", w["residuals"], w["moments"])], settings)
+    dims = 2  # k' = 8 and the whole set (16)
+    alignments = 1 + 2  # plain, kernel × 2 ridges
+    assert len(spec.grid) == dims * alignments * (2 + 1) * 2  # (2 geometries + additive) × agg
+    additive = [c for c in spec.grid if not c["quadratic"]]
+    assert all(c["geometry"] is None for c in additive)
+    assert {(c["alignment"], c["kernel_ridge"]) for c in additive} == {
+        ("plain", None),
+        ("kernel", 0.1),
+        ("kernel", 1.0),
+    }
+    model = spec.build(additive[0]).fit(w["features"], w["utilities"])
+    assert np.all(model.curvature_ == 0)
+
+
 def test_additive_world_gives_no_curvature_and_no_loss():
     w = make_world(1, ratio=0.0, subsets=130)
     ff, uf, fe, ue = split_by_role(w["features"], w["utilities"], w["roles"][:130])
@@ -607,3 +639,78 @@ def test_natural_alignment_preconditions_by_the_damped_metric():
     assert not np.allclose(model.residuals, plain)
     with pytest.raises(ValueError, match="needs the corpus moments"):
         GraspSurrogate(residuals, alignment="natural").fit(feats, utilities)
+
+
+# ------------------------------------------------------------- TRAK features, nesting, comparisons
+
+
+def _trak_world(seed: int = 7, n: int = 300, k: int = 12, m: int = 40):
+    rng = np.random.default_rng(seed)
+    psi = rng.normal(size=(n, k)) * np.linspace(3.0, 0.2, k)
+    q = rng.uniform(0.2, 1.0, size=n)
+    member = rng.random((m, n)) < rng.uniform(0.1, 0.6, size=(m, 1))
+    targets = rng.normal(size=(2, k))
+    return psi, q, member, targets
+
+
+def test_weighted_features_sum_q_psi_and_keep_the_unweighted_kernel():
+    psi, q, member, _ = _trak_world()
+    packed = np.packbits(member, axis=1)
+    feats, moments = compute_subset_features(
+        packed, [(0, psi[:130]), (130, psi[130:])], row_weights=q
+    )
+    np.testing.assert_allclose(feats.sums, member @ (q[:, None] * psi), rtol=1e-10)
+    np.testing.assert_allclose(moments.kernel_gram, psi.T @ psi, rtol=1e-10)
+    np.testing.assert_allclose(moments.gram, (q[:, None] * psi).T @ (q[:, None] * psi), rtol=1e-10)
+
+
+def test_kernel_alignment_is_trak_and_grasp_nests_it():
+    """GRASP on TRAK's features with the kernel direction, no quadratic term and no correction
+    ranks every subset exactly as faithful TRAK does: TRAK is inside GRASP's family."""
+    psi, q, member, targets = _trak_world()
+    packed = np.packbits(member, axis=1)
+    trak_feats, moments = compute_subset_features(packed, [(0, psi)], row_weights=q)
+    feats = SubsetFeatures(
+        sums=np.zeros((len(member), 1)),
+        sizes=member.sum(1).astype(float),
+        index=np.arange(len(member)),
+        sets={"trak": trak_feats.sums},
+    )
+    utilities = np.random.default_rng(1).normal(size=(len(member), 2))
+    for aggregation in ("sum", "mean"):
+        trak = TrakBaseline(
+            targets, moments, ridge=0.1, aggregation=aggregation, feature_set="trak"
+        ).fit(feats, utilities)
+        grasp = GraspSurrogate(
+            targets,
+            alignment="kernel",
+            kernel_ridge=0.1,
+            quadratic=False,
+            ridge=float("inf"),
+            aggregation=aggregation,
+            moments=moments,
+            feature_set="trak",
+        ).fit(feats, utilities)
+        # per-example TRAK scores, brute force
+        kernel = psi.T @ psi + 0.1 * np.trace(psi.T @ psi) / psi.shape[1] * np.eye(psi.shape[1])
+        tau = (q[:, None] * psi) @ np.linalg.solve(kernel, targets.T)
+        sizes = member.sum(1, keepdims=True)  # 'sum' is scaled by the mean fit size (n_ref)
+        expected = member @ tau / (sizes if aggregation == "mean" else sizes.mean())
+        np.testing.assert_allclose(trak.scores(feats), expected, rtol=1e-9)
+        for t in range(2):
+            assert (
+                spearman(grasp.aggregates(feats) @ grasp.residuals[t], expected[:, t]) > 1 - 1e-12
+            )
+
+
+def test_paired_difference_interval_is_tight_for_a_clear_winner_and_zero_for_a_tie():
+    from grasp_cli.surrogate.metrics import bootstrap_paired_difference
+
+    rng = np.random.default_rng(0)
+    measured = rng.normal(size=(40, 3))
+    good = measured + 0.3 * rng.normal(size=measured.shape)
+    bad = measured + 1.5 * rng.normal(size=measured.shape)
+    diff, low, high = bootstrap_paired_difference(good, bad, measured, n_boot=400, seed=2)
+    point = np.mean(spearman(good, measured)) - np.mean(spearman(bad, measured))
+    assert diff == pytest.approx(point) and 0 < low < diff < high
+    assert bootstrap_paired_difference(good, good, measured, n_boot=200, seed=2) == (0.0, 0.0, 0.0)

@@ -7,6 +7,10 @@ install it when it is missing; nothing else in grasp needs them.
 
 from __future__ import annotations
 
+import contextlib
+import io
+from collections.abc import Iterator
+
 from grasp_cli.errors import UsageError
 
 ANCHORS_EXTRA = "pip install 'grasp-cli[anchors]'"
@@ -15,3 +19,11 @@ ANCHORS_EXTRA = "pip install 'grasp-cli[anchors]'"
 def missing(package: str, what: str) -> UsageError:
     """The error for an anchor whose package is not installed."""
     return UsageError(f"{what} needs the package {package!r}: {ANCHORS_EXTRA}")
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Swallow what a reference package writes to stderr (tqdm bars, log lines) while it runs;
+    its exceptions still propagate."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield

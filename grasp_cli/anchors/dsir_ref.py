@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grasp_cli.anchors import missing
+from grasp_cli.anchors import missing, quiet_stderr
 
 
 def _write_jsonl(path: Path, ids: Sequence[int], texts: Sequence[str]) -> None:
@@ -57,13 +57,15 @@ def dsir_reference(
             separate_targets=True,
             target_proportions=[1.0] * len(targets),
         )
-        dsir.fit_importance_estimator(num_tokens_to_fit="all")
-        dsir.compute_importance_weights()
+        with quiet_stderr():  # the package draws tqdm bars; grasp reports its own progress
+            dsir.fit_importance_estimator(num_tokens_to_fit="all")
+            dsir.compute_importance_weights()
         weights = np.load(root / "cache" / "log_importance_weights" / "0.npy", allow_pickle=False)
         state = np.random.get_state()
         np.random.seed(seed % (2**32))
         try:
-            dsir.resample(out_dir=str(root / "out"), num_to_sample=budget, top_k=top_k)
+            with quiet_stderr():
+                dsir.resample(out_dir=str(root / "out"), num_to_sample=budget, top_k=top_k)
         finally:
             np.random.set_state(state)
         chosen = []

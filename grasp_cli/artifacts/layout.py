@@ -31,7 +31,12 @@ ARTIFACTS: dict[str, tuple[str, list[str], list[str]]] = {
     "sketches": ("sketch", ["model", "sketch", "run"], ["corpus", "tasks", "reference"]),
     "subsets": ("retrain-subsets", ["subsets", "run"], ["corpus"]),
     "retrain": ("retrain-subsets", ["model", "retrain", "run"], ["subsets", "tasks", "reference"]),
-    "surrogate": ("fit-surrogate", ["surrogate", "run"], ["sketches", "subsets", "retrain"]),
+    "loop": ("retrain-subsets --loop", ["model", "retrain", "loop", "run"], ["tasks", "reference"]),
+    "surrogate": (
+        "fit-surrogate",
+        ["surrogate", "run"],
+        ["sketches", "subsets", "retrain", "loop"],
+    ),
     "scores": ("score", ["score"], ["sketches", "surrogate"]),
     "selection": ("select", ["select"], ["sketches", "surrogate"]),
     "curation": (

@@ -40,6 +40,7 @@ def open_sharded(
     force: bool = False,
     seeds: dict[str, int] | None = None,
     extra: dict[str, Any] | None = None,
+    folder: Path | None = None,
 ) -> Manifest:
     """Create ``artifact`` (skeleton + pending manifest) or reuse a matching one; return its manifest.
 
@@ -50,10 +51,11 @@ def open_sharded(
     plan; the shards after it find the new plan and reuse it. ``--force`` never replaces a folder
     whose plan matches (that would delete the other shards' work): the stages redo their units.
     A corrupt manifest is an error, except with ``--force``, which rebuilds the artifact.
+    ``folder`` overrides where the artifact lives (one round of the closed loop).
     Debris of killed writes (this artifact's own temporaries, beside it and inside it) older
     than ``SHARED_DEBRIS_MIN_AGE_S`` is swept: younger ones may belong to a running shard.
     """
-    folder = layout.path(artifact)
+    folder = layout.path(artifact) if folder is None else Path(folder)
     plan = build_manifest(
         layout,
         artifact,

@@ -2,7 +2,9 @@
 
 Layout of the Zarr group (written by ``grasp sketch``): ``train`` [N, k] (chunks of
 ``sketch.chunk_rows`` rows), ``train_ids`` [N] int64 (corpus order), ``tasks`` [T, k]
-float32 (the task residuals ``r_t = −P∇L_t``), ``task_names`` [T] str. Every read goes
+float32 (the task residuals ``r_t = −P∇L_t``), ``task_names`` [T] str; with
+``sketch.trak_k > 0`` also TRAK's ``trak_train`` [N, k_t] (ψ_i), ``trak_q`` [N] (Q_i) and
+``trak_tasks`` [T, k_t] (ψ_t), and with traker beside, ``trak_ref_scores`` [N, L·T] float64. Every read goes
 through ``zarr_io.CheckedArray``, so a damaged, missing or swapped chunk is an error naming
 it. The sketch matrix is only ever streamed in row blocks (``iter_blocks``), so no stage
 holds ``N × k`` in memory unless it chose to (exact greedy on a small corpus).
@@ -34,6 +36,10 @@ class Sketches:
     ids: np.ndarray  # [N] int64 corpus ids, row order
     residuals: np.ndarray  # [T, k] float64 r_t
     task_names: list[str]
+    trak_train: CheckedArray | None = None  # [N, k_t] ψ_i, TRAK's output-gradient features
+    trak_q: np.ndarray | None = None  # [N] Q_i, TRAK's out-to-loss weights
+    trak_tasks: np.ndarray | None = None  # [T, k_t] ψ_t
+    trak_ref: CheckedArray | None = None  # [N, L·T] traker's scores, column l·T + t
 
     @property
     def n(self) -> int:
@@ -42,6 +48,17 @@ class Sketches:
     @property
     def k(self) -> int:
         return int(self.train.shape[1])
+
+    def matrix(self, feature_set: str) -> Any:
+        """The per-example feature rows a model of ``feature_set`` aggregates, streamable by
+        rows: ``train`` (φ_i) for "sketch", ``Q_i ψ_i`` for "trak"."""
+        if feature_set == "sketch":
+            return self.train
+        if feature_set == "trak" and self.trak_train is not None:
+            return WeightedRows(self.trak_train, self.trak_q)
+        raise InputError(
+            f"{self.path}: has no {feature_set!r} features; rerun `grasp sketch` with sketch.trak_k > 0"
+        )
 
     def check_ids(self, corpus_ids: np.ndarray, corpus: Path) -> None:
         """The sketch rows must be the corpus rows, in order (else: made from another corpus)."""
@@ -58,9 +75,25 @@ class Sketches:
             )
 
 
+class WeightedRows:
+    """Rows ``w_i · a_i`` of an array read lazily by row slices (``shape``, ``a[i:j, :k]``)."""
+
+    def __init__(self, array: Any, weights: np.ndarray) -> None:
+        self.array, self.weights = array, np.asarray(weights, dtype=np.float64)
+        self.shape = tuple(array.shape)
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        rows = selection[0] if isinstance(selection, tuple) else selection
+        values = np.asarray(self.array[selection], dtype=np.float64)
+        weights = self.weights[rows]
+        return (values * (weights[:, None] if values.ndim == 2 else weights)).astype(np.float32)
+
+
 def open_sketches(path: Path) -> Sketches:
     """Open ``sketches.zarr`` for reading (digests verified chunk by chunk on every read)."""
     group = open_group_read(path, "sketch")
+    has_trak = "trak_train" in group
     return Sketches(
         path=Path(path),
         group=group,
@@ -68,6 +101,10 @@ def open_sketches(path: Path) -> Sketches:
         ids=np.asarray(group["train_ids"][:]),
         residuals=np.asarray(group["tasks"][:], dtype=np.float64),
         task_names=[str(t) for t in group["task_names"][:]],
+        trak_train=group["trak_train"] if has_trak else None,
+        trak_q=np.asarray(group["trak_q"][:], dtype=np.float64) if has_trak else None,
+        trak_tasks=np.asarray(group["trak_tasks"][:], dtype=np.float64) if has_trak else None,
+        trak_ref=group["trak_ref_scores"] if "trak_ref_scores" in group else None,
     )
 
 

@@ -25,11 +25,13 @@ from grasp_cli.models.transformer import (
     ByteTransformer,
     TransformerShape,
     lm_inputs,
+    lm_margin_output,
     lm_per_example_loss,
 )
 from grasp_cli.models.vision import (
     CNN,
     MLP,
+    classifier_margin_output,
     classifier_per_example_accuracy,
     classifier_per_example_loss,
     image_inputs,
@@ -45,6 +47,9 @@ class ModelBundle:
     per_example_loss: Callable[[torch.Tensor, Batch], torch.Tensor]  # (outputs, batch) -> [B]
     per_example_accuracy: Callable[[torch.Tensor, Batch], torch.Tensor] | None = None
     kind: str = "lm"  # "lm" or "classifier"
+    # TRAK's model output and out-to-loss weight, (outputs, batch) -> (f [B], Q [B]); None:
+    # the faithful TRAK baseline is not available for this model.
+    model_output: Callable[[torch.Tensor, Batch], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """Per-example loss ``[B]`` with the module's own parameters."""
@@ -71,7 +76,9 @@ def build_model(section: ModelSection, data: DataShape, seed: int) -> ModelBundl
         if section.d_model % section.n_head:
             raise ConfigError("model.d_model must be divisible by model.n_head")
         shape = TransformerShape(section.n_layer, section.n_head, section.d_model, data.seq_len)
-        return ModelBundle(ByteTransformer(shape), lm_inputs, lm_per_example_loss, None, "lm")
+        return ModelBundle(
+            ByteTransformer(shape), lm_inputs, lm_per_example_loss, None, "lm", lm_margin_output
+        )
     if section.kind in ("mlp", "cnn"):
         if not data.image_shape or data.num_classes <= 0:
             raise ConfigError(f"model.kind = '{section.kind}' needs an image corpus with labels")
@@ -85,6 +92,7 @@ def build_model(section: ModelSection, data: DataShape, seed: int) -> ModelBundl
             classifier_per_example_loss,
             classifier_per_example_accuracy,
             "classifier",
+            classifier_margin_output,
         )
     return _load_plugin(section, data)
 

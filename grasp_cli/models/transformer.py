@@ -108,3 +108,28 @@ def lm_per_example_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) ->
     ).view(targets.shape)
     counted = (targets != PAD_ID).to(token_loss.dtype)
     return (token_loss * counted).sum(-1) / counted.sum(-1).clamp_min(1.0)
+
+
+def lm_margin_output(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], pad_id: int = PAD_ID
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRAK's model output for an LM and its out-to-loss weight, per sequence: ``(f [B], Q [B])``.
+
+    ``f(z) = Σ_τ log(p_τ / (1 − p_τ)) = Σ_τ [logit_y − logsumexp_{j≠y} logit_j]`` over the
+    non-padding next-token positions τ (the per-token margin of TRAK, summed), and
+    ``Q(z) = mean_τ (1 − p_τ)``. For one token ``∂ℓ/∂f = −(1 − p)``: the loss gradient is the
+    margin gradient weighted by ``−Q``, which is how TRAK turns output gradients into the
+    effect of training on ``z``.
+    """
+    targets = batch["tokens"][..., 1:]
+    counted = targets != pad_id
+    safe = torch.where(counted, targets, torch.zeros_like(targets))
+    logits = logits.float()
+    correct = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    others = logits.scatter(-1, safe.unsqueeze(-1), float("-inf"))
+    margin = correct - torch.logsumexp(others, dim=-1)
+    p = torch.softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    weight = counted.to(logits.dtype)
+    output = (margin * weight).sum(-1)
+    q = ((1.0 - p) * weight).sum(-1) / weight.sum(-1).clamp_min(1.0)
+    return output, q

@@ -60,3 +60,17 @@ def classifier_per_example_accuracy(
     logits: torch.Tensor, batch: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     return (logits.argmax(-1) == batch["label"]).float()
+
+
+def classifier_margin_output(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRAK's multiclass margin and out-to-loss weight per example: ``(f [B], Q [B])`` with
+    ``f = logit_y − logsumexp_{j≠y} logit_j = log(p_y / (1 − p_y))`` and ``Q = 1 − p_y``."""
+    labels = batch["label"]
+    logits = logits.float()
+    correct = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    others = logits.scatter(-1, labels.unsqueeze(-1), float("-inf"))
+    output = correct - torch.logsumexp(others, dim=-1)
+    q = 1.0 - torch.softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return output, q

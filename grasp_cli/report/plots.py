@@ -132,3 +132,25 @@ def curation(losses: dict[str, dict[str, float]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def curation_differences(differences: list[dict], path: Path) -> None:
+    """GRASP − each other selection, mean task loss, with the seeds' 95 % t interval (< 0: GRASP
+    trained the better model). A difference view: the zero line is what matters."""
+    plt = _pyplot()
+    rows = sorted(differences, key=lambda r: r["difference"])
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 + 0.45 * len(rows)))
+    ys = np.arange(len(rows))
+    values = np.array([r["difference"] for r in rows])
+    low = values - np.array([r["ci_low"] for r in rows])
+    high = np.array([r["ci_high"] for r in rows]) - values
+    colors = [
+        "#27ae60" if r["ci_high"] < 0 else "#c0392b" if r["ci_low"] > 0 else "#7f8c8d" for r in rows
+    ]
+    ax.barh(ys, values, color=colors, xerr=[low, high], capsize=3)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(ys, [f"vs {r['baseline']}" for r in rows])
+    ax.set_xlabel("GRASP − other: mean task loss (nats; < 0 = GRASP better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -241,6 +241,39 @@ def run_report(ctx: StageContext) -> str:
     return f"report: {layout.report / 'index.html'}"
 
 
+def loop_rows(layout) -> list[dict]:
+    """Per closed-loop round: what the surrogate predicted for its proposal and what training on
+    the proposal measured (mean over tasks of −loss, nats; the gap is the optimizer's curse)."""
+    from grasp_cli.artifacts.results import read_results
+    from grasp_cli.retrain.loop import finished_rounds, load_round, round_folder
+
+    rows = []
+    loop = layout.path("loop")
+    for number in finished_rounds(loop):
+        folder = round_folder(loop, number)
+        proposal = json.loads((folder / "proposal.json").read_text(encoding="utf-8"))
+        predicted = proposal.get("predicted_utilities") or {}
+        results = [
+            r
+            for r in read_results(folder).to_pylist()
+            if r["subset_id"] == 0 and r["metric"] == "loss"
+        ]
+        measured = {r["task"]: -r["value"] for r in results}
+        tasks = sorted(set(predicted) & set(measured))
+        rows.append(
+            {
+                "round": number,
+                "subsets": len(load_round(folder, 0)["kinds"]),
+                "predicted": float(np.mean([predicted[t] for t in tasks]))
+                if tasks
+                else float("nan"),
+                "measured": float(np.mean([measured[t] for t in tasks])) if tasks else float("nan"),
+            }
+        )
+        rows[-1]["gap"] = rows[-1]["predicted"] - rows[-1]["measured"]
+    return rows
+
+
 def _selection_section(ctx: StageContext, out: Path, have_plots: bool) -> str:
     layout = ctx.layout
     parts = []
@@ -254,33 +287,54 @@ def _selection_section(ctx: StageContext, out: Path, have_plots: bool) -> str:
             + ", ".join(f"{html.escape(d)} {c}" for d, c in counts.items())
             + "</p>"
         )
+    rounds = loop_rows(layout)
+    if rounds:
+        parts.append(
+            "<h2>Closed loop</h2><p>Each round measured the selection of the moment and subsets "
+            "near it, then refit the surrogate on them (fit subsets only) and selected again. "
+            "<b>predicted</b>: the surrogate's utility of the proposal when it was made; "
+            "<b>measured</b>: training on it (mean over tasks of −loss, nats). A positive gap is "
+            "the optimizer's curse; later rounds should shrink it.</p>"
+        )
+        parts.append(_table_html(rounds, ["round", "subsets", "predicted", "measured", "gap"], 4))
     curation = read_manifest(layout.curation)
     if curation is not None and curation.complete:
         from grasp_cli.artifacts.results import read_results
+        from grasp_cli.select.outcomes import summarize
 
-        rows = [r for r in read_results(layout.curation).to_pylist() if r["metric"] == "loss"]
-        losses: dict[str, dict[str, list[float]]] = {}
-        for r in rows:
-            losses.setdefault(r["role"], {}).setdefault(r["task"], []).append(r["value"])
-        mean_losses = {s: {t: float(np.mean(v)) for t, v in d.items()} for s, d in losses.items()}
-        tasks = sorted({t for d in mean_losses.values() for t in d})
-        table = [
-            {
-                "selection": s,
-                **{t: mean_losses[s].get(t, float("nan")) for t in tasks},
-                "mean": float(np.mean(list(mean_losses[s].values()))),
-            }
-            for s in sorted(mean_losses)
-        ]
-        seeds = len({r["seed"] for r in rows})
+        summary, differences = summarize(read_results(layout.curation).to_pylist())
+        tasks = sorted({r["task"] for r in summary if r["task"] != "mean"})
+        table: dict[str, dict] = {}
+        for r in summary:
+            table.setdefault(r["selection"], {"selection": r["selection"]})[r["task"]] = (
+                f"{r['loss']:.4f} ± {r['std']:.4f}"
+            )
+        seeds = max((r["seeds"] for r in summary), default=0)
         parts.append(
-            f"<h2>Curation check</h2><p>Measured task loss (lower is better) after training with the "
-            f"retrain recipe on each selection of the same size; mean over {seeds} seed(s).</p>"
+            "<h2>Curation check</h2><p>Measured task loss (nats, lower is better) after training "
+            f"with the retrain recipe on each selection of the same size; mean ± std over {seeds} "
+            "seed(s), the same seeds for every selection (<code>whole</code>: the whole corpus, "
+            "a reference line, not the same budget).</p>"
         )
-        parts.append(_table_html(table, ["selection", *tasks, "mean"], digits=4))
-        if have_plots:
-            plots.curation(mean_losses, out / "curation.png")
-            parts.append('<img src="curation.png" alt="curation check">')
+        ordered = sorted(table.values(), key=lambda e: e["selection"] != "grasp")
+        parts.append(_table_html(ordered, ["selection", *tasks, "mean"], digits=4))
+        if differences:
+            parts.append(
+                "<h3>GRASP − each other selection</h3><p>Difference of mean task loss, paired by "
+                "seed, with a 95 % t interval over seeds (negative: GRASP's selection trained the "
+                "better model; an interval that contains 0 is not a difference beyond seed "
+                "noise). <b>best</b> marks the strongest other selection.</p>"
+            )
+            parts.append(
+                _table_html(
+                    differences,
+                    ["baseline", "difference", "ci_low", "ci_high", "seeds", "best"],
+                    digits=4,
+                )
+            )
+            if have_plots:
+                plots.curation_differences(differences, out / "curation.png")
+                parts.append('<img src="curation.png" alt="curation differences">')
     return "\n".join(parts)
 
 

@@ -101,9 +101,17 @@ def ensure_subsets(ctx: StageContext, corpus: Examples) -> Subsets:
     return read_subsets(ctx.layout.subsets)
 
 
-def run_retrain(ctx: StageContext, limit: int | None = None, curation: bool = False) -> str:
+def run_retrain(
+    ctx: StageContext, limit: int | None = None, curation: bool = False, loop: bool = False
+) -> str:
+    if curation and loop:
+        raise InputError("retrain-subsets: give --curation or --loop, not both")
     if curation:
         return run_curation(ctx, limit)
+    if loop:
+        from grasp_cli.retrain.loop import run_loop
+
+        return run_loop(ctx, limit)
     layout, config = ctx.layout, ctx.config
     require(layout, "corpus", config, force=ctx.force)
     require(layout, "tasks", config, force=ctx.force)
@@ -134,11 +142,17 @@ def train_jobs(
     corpus: Examples,
     limit: int | None,
     order: list[int] | None = None,
+    folder: Path | None = None,
+    skeleton: Callable[[Path], dict | None] | None = None,
+    extra: dict | None = None,
 ) -> str:
     """Train every owned, unfinished job; write one Parquet part per job; finish the artifact.
 
-    Model, θ0 and data are set up only when this shard has a job to do.
+    Model, θ0 and data are set up only when this shard has a job to do. ``folder``,
+    ``skeleton`` and ``extra``: where the artifact lives and what it holds besides the parts
+    (a closed-loop round keeps its subsets there).
     """
+    target = ctx.layout.path(artifact) if folder is None else Path(folder)
     ctx.apply_threads()
     layout, config = ctx.layout, ctx.config
     state: dict = {}
@@ -202,7 +216,7 @@ def train_jobs(
                 config.retrain.eval_batch_size,
                 device=ctx.device,
             )
-            part = layout.path(artifact) / f"part-{unit:06d}.parquet"
+            part = target / f"part-{unit:06d}.parquet"
             write_table(
                 part,
                 result_table(
@@ -224,11 +238,13 @@ def train_jobs(
         len(jobs),
         work,
         seeds={"retrain": ctx.config.seed("retrain")},
-        extra={"jobs": len(jobs)},
+        extra={"jobs": len(jobs), **(extra or {})},
         limit=limit,
         order=order,
         group=max(1, config.retrain.parallel_models),
         unit_name="runs",
+        skeleton=skeleton,
+        folder=target,
     )
     rate = (
         f"{len(report.done) / report.elapsed_s * 3600:.0f} runs/hour"
@@ -243,19 +259,24 @@ def train_jobs(
 
 
 def run_curation(ctx: StageContext, limit: int | None = None) -> str:
-    """Train on each selection of ``RUN/selection/curation.parquet`` with every curation seed."""
+    """Train on each curation selection (``RUN/selection/curation.parquet``, and ``whole`` = the
+    whole corpus) with each of ``select.curation_seeds`` seeds, the same recipe as retraining."""
     layout, config = ctx.layout, ctx.config
-    require(layout, "selection", config, force=ctx.force)
+    manifest = require(layout, "selection", config, force=ctx.force)
     corpus = read_examples(layout.corpus)
     table = read_table(layout.selection / "curation.parquet")
-    names = sorted(set(table.column("selection").to_pylist()))
+    names = sorted(
+        set(table.column("selection").to_pylist()) | set(manifest.extra.get("selections", {}))
+    )
     position = {int(i): row for row, i in enumerate(corpus.ids)}
     members: dict[str, list[int]] = {name: [] for name in names}
     for name, example_id in zip(
         table.column("selection").to_pylist(), table.column("id").to_pylist(), strict=True
     ):
         members[name].append(position[int(example_id)])
-    seeds = [ctx.config.seed("retrain") + extra for extra in range(1 + config.retrain.repeat_seeds)]
+    if "whole" in members:
+        members["whole"] = list(range(len(corpus)))
+    seeds = [ctx.config.seed("retrain") + extra for extra in range(config.select.curation_seeds)]
     jobs = [Job(index, seed, name) for seed in seeds for index, name in enumerate(names)]
     return train_jobs(
         ctx,

@@ -92,7 +92,7 @@ def run_score(ctx: StageContext) -> str:
     require(layout, "surrogate", config, force=ctx.force)
     model = load_surrogate(layout.surrogate).model
     sketches = open_sketches(layout.sketches)
-    phi, ids = sketches.train, sketches.ids
+    phi, ids = sketches.matrix(model.feature_set), sketches.ids
     n_rows, k_prime = sketches.n, model.k_prime
     # Inputs are read and validated before the artifact is opened: a bad file changes nothing.
     membership, subset_ids, roles = subsets_to_score(ctx, ids)

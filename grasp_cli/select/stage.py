@@ -20,12 +20,13 @@ from grasp_cli.artifacts.manifest import build_manifest, folder_digest, require,
 from grasp_cli.artifacts.sketches import masked_row_sum, open_sketches
 from grasp_cli.artifacts.tables import write_table
 from grasp_cli.context import StageContext
-from grasp_cli.errors import InputError
+from grasp_cli.errors import GraspError, InputError
 from grasp_cli.select import (
     Selection,
     additive_top_b,
     budget_count,
     domain_caps,
+    iter_blocks,
     objective_from_bootstrap,
     objective_from_tasks,
     select,
@@ -102,7 +103,8 @@ def load_select_inputs(ctx: StageContext) -> SelectInputs:
     corpus = read_examples(layout.corpus)
     sketches.check_ids(corpus.ids, layout.corpus)
     codes, names = corpus.domain_codes()
-    return SelectInputs(stored, sketches.train, sketches.ids, codes, names)
+    phi = sketches.matrix(stored.model.feature_set)
+    return SelectInputs(stored, phi, sketches.ids, codes, names)
 
 
 @dataclass
@@ -113,8 +115,14 @@ class SelectOutputs:
     extra: dict[str, Any]  # what the manifest records
 
 
-def choose(inputs: SelectInputs, section: Any, curation_seed: int, progress: bool) -> SelectOutputs:
-    """The selection (and the curation check's other selections), on arrays."""
+def choose(
+    inputs: SelectInputs, section: Any, seed_of: Any, progress: bool, curation_data: Any = None
+) -> SelectOutputs:
+    """The selection (and the curation check's other selections), on arrays.
+
+    ``seed_of(name)`` gives each selector's seed; ``curation_data`` (a ``CurationData``) what
+    the non-sketch selectors need (task domains, texts, TRAK's features).
+    """
     phi, n = inputs.phi, len(inputs.ids)
     budget = budget_count(section.budget, n)
     caps = (
@@ -122,6 +130,8 @@ def choose(inputs: SelectInputs, section: Any, curation_seed: int, progress: boo
         if section.domain_caps
         else None
     )
+    if section.trust_region == "mixture":
+        caps = trust_region_caps(inputs, budget, caps)
     objective = build_objective(inputs.stored, section, budget)
     selection = select(
         phi,
@@ -144,18 +154,206 @@ def choose(inputs: SelectInputs, section: Any, curation_seed: int, progress: boo
         "objective": float(selection.value),
         "history": list(selection.history)[:100],
     }
+    mask = np.zeros(n, dtype=bool)
+    mask[rows] = True
+    model = inputs.stored.model
+    aggregate = masked_row_sum(phi, mask, objective.dim) * objective.scale
+    predicted = model.predict_aggregates(aggregate[None])[0]
+    extra["predicted_utilities"] = dict(zip(model.task_names, map(float, predicted), strict=True))
     curation: dict[str, np.ndarray] = {}
     if section.curation:
-        additive = additive_top_b(phi, objective, budget, inputs.codes, caps, progress=False)
-        random_rows = np.sort(
-            np.random.default_rng(curation_seed).choice(n, size=budget, replace=False)
+        curation, skipped, predicted = curation_selections(
+            inputs, section, objective, budget, caps, rows, seed_of, curation_data
         )
-        curation = {"grasp": rows, "random": random_rows, "additive": np.asarray(additive.indices)}
-        extra["additive_objective"] = float(additive.value)
-        extra["random_objective"] = float(
-            objective.value(masked_row_sum(phi, np.isin(np.arange(n), random_rows), objective.dim))
-        )
+        extra["curation_skipped"] = skipped
+        extra["predicted_objective"] = predicted
+        extra["selections"] = {name: int(len(r)) for name, r in curation.items()}
     return SelectOutputs(selection, budget, curation, extra)
+
+
+@dataclass
+class CurationData:
+    """What selectors other than GRASP need, read from the run."""
+
+    task_domains: list[int]  # corpus domain codes the tasks were held out of ([] if none)
+    texts: list[str] | None  # what each corpus row says (None: not text)
+    task_texts: dict[str, list[str]] | None
+    trak_rows: Any  # Q_i ψ_i rows (streamable) or None
+    dirichlet_alpha: float
+    open_rows: np.ndarray | None = None  # the closed loop's first proposal (open-loop GRASP)
+
+
+def curation_selections(
+    inputs: SelectInputs,
+    section: Any,
+    objective: Any,
+    budget: int,
+    caps: np.ndarray | None,
+    grasp_rows: np.ndarray,
+    seed_of: Any,
+    data: CurationData | None,
+) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, float]]:
+    """(selector -> rows, selector -> why skipped, selector -> GRASP's predicted objective)."""
+    from grasp_cli.select import curation as picks
+    from grasp_cli.select.dsir import log_importance_weights, resample
+
+    n = len(inputs.ids)
+    stored = inputs.stored
+    weights = task_objective_weights(stored, section)
+    chosen: dict[str, np.ndarray] = {"grasp": grasp_rows}
+    skipped: dict[str, str] = {}
+    if data is not None and data.open_rows is not None:  # the loop ran: GRASP before it, too
+        chosen["grasp-open"] = data.open_rows
+    for name in section.curation_selectors:
+        if name == "grasp-trust":
+            if "fit_mixture" not in stored.params:
+                skipped[name] = "no domain labels: no mixture trust region"
+                continue
+            trusted = select(
+                inputs.phi,
+                objective,
+                budget,
+                section.algorithm,
+                inputs.codes,
+                trust_region_caps(inputs, budget, caps),
+                section.greedy_max_n,
+                section.max_iters,
+                section.block_rows,
+                False,
+            )
+            chosen[name] = np.sort(np.asarray(trusted.indices))
+        elif name == "random":
+            chosen[name] = picks.random_rows(n, budget, seed_of("curation-random"))
+        elif name == "additive":
+            additive = additive_top_b(
+                inputs.phi, objective, budget, inputs.codes, caps, progress=False
+            )
+            chosen[name] = np.sort(np.asarray(additive.indices))
+        elif name == "whole":
+            chosen[name] = np.arange(n)
+        elif name == "trak":
+            if "trak_directions" not in stored.baselines or data is None:
+                skipped[name] = "no fitted TRAK baseline"
+                continue
+            info = stored.params.get("baselines", {}).get("trak", {})
+            rows = data.trak_rows if info.get("features") == "trak" else inputs.phi
+            if rows is None:
+                skipped[name] = "TRAK's features are not in the sketches"
+                continue
+            per_task = (
+                stored.baselines["trak_directions"]
+                * (stored.baselines["trak_slope"] * weights)[:, None]
+            )
+            direction = per_task.sum(axis=0)  # the objective's per-example TRAK score
+            scores = np.concatenate(
+                [block @ direction for _, block in iter_blocks(rows, 65536, len(direction))]
+            )
+            chosen[name] = picks.top_rows(scores, budget)
+        elif name == "domain-match":
+            if data is None or not data.task_domains:
+                skipped[name] = "the tasks are not corpus domains"
+                continue
+            chosen[name] = picks.domain_match_rows(
+                inputs.codes, data.task_domains, budget, seed_of("curation-domain-match")
+            )
+        elif name == "regmix":
+            if "mixture_coef" not in stored.baselines or data is None:
+                skipped[name] = "no fitted domain-mixture regression"
+                continue
+            chosen[name], _ = picks.regmix_rows(
+                inputs.codes,
+                stored.baselines["mixture_coef"],
+                weights,
+                budget,
+                data.dirichlet_alpha,
+                seed_of("curation-regmix"),
+            )
+        elif name in ("dsir", "dsir-ref"):
+            if data is None or data.texts is None:
+                skipped[name] = "DSIR's hashed n-grams need a text corpus"
+                continue
+            if name == "dsir":
+                log_w, _ = log_importance_weights(data.texts, data.task_texts)
+                chosen[name] = resample(log_w, budget, seed_of("curation-dsir"))
+            else:
+                try:
+                    from grasp_cli.anchors.dsir_ref import dsir_reference
+
+                    ids, _ = dsir_reference(
+                        np.arange(n), data.texts, data.task_texts, budget, seed_of("curation-dsir")
+                    )
+                    chosen[name] = ids
+                except GraspError as exc:
+                    skipped[name] = str(exc)
+    predicted = {
+        name: float(
+            objective.value(masked_row_sum(inputs.phi, np.isin(np.arange(n), rows), objective.dim))
+        )
+        for name, rows in chosen.items()
+        if name != "whole" and len(rows) == budget
+    }
+    return chosen, skipped, predicted
+
+
+def trust_region_caps(inputs: SelectInputs, budget: int, caps: np.ndarray | None) -> np.ndarray:
+    """Per-domain caps that keep the selection's mixture where the surrogate was fitted: each
+    domain at most its largest share in a fit subset (``ceil(share · B)``), within ``caps``."""
+    fitted = inputs.stored.params.get("fit_mixture")
+    if not fitted:
+        raise InputError("select.trust_region = 'mixture' needs domain labels in the fit subsets")
+    share = dict(zip(fitted["domains"], fitted["max_share"], strict=True))
+    region = np.array(
+        [int(np.ceil(share.get(name, 0.0) * budget)) for name in inputs.domain_names],
+        dtype=np.int64,
+    )
+    return region if caps is None else np.minimum(region, caps)
+
+
+def task_objective_weights(stored: StoredSurrogate, section: Any) -> np.ndarray:
+    """``w_t / σ_t`` ``[T]``: how much a unit of task t's utility is worth in the objective."""
+    model = stored.model
+    weights = np.array([section.task_weights.get(name, 1.0) for name in model.task_names])
+    sigma = np.where(stored.utility_std > 0, stored.utility_std, 1.0)
+    return weights / sigma
+
+
+def load_curation_data(ctx: StageContext, inputs: SelectInputs) -> CurationData:
+    """Task domains, row texts (text corpora) and TRAK's rows, for the curation selectors."""
+    from grasp_cli.artifacts.examples import iter_example_blocks, read_tasks
+    from grasp_cli.select.dsir import row_text
+
+    layout = ctx.layout
+    task_names = inputs.stored.model.task_names
+    lookup = {name: code for code, name in enumerate(inputs.domain_names)}
+    task_domains = [lookup[name] for name in task_names if name in lookup]
+    texts = task_texts = None
+    manifest = require(layout, "corpus", ctx.config, force=True, check_config=False)
+    if manifest.extra.get("kind") == "tokens":
+        vocab = int(manifest.extra.get("vocab_size", 257))
+        pad = manifest.extra.get("pad_id", 256)
+        byte_vocab = vocab <= 257
+        texts = [
+            row_text(row, pad, byte_vocab)
+            for _, block in iter_example_blocks(layout.corpus, 0, len(inputs.ids), 4096)
+            for row in block.fields["tokens"]
+        ]
+        task_texts = {
+            name: [row_text(row, pad, byte_vocab) for row in examples.fields["tokens"]]
+            for name, examples in read_tasks(layout.tasks).items()
+        }
+    sketches = open_sketches(layout.sketches)
+    trak_rows = sketches.matrix("trak") if sketches.trak_train is not None else None
+    from grasp_cli.retrain.loop import finished_rounds, load_round, round_folder
+
+    rounds = finished_rounds(layout.path("loop"))
+    open_rows = (
+        load_round(round_folder(layout.path("loop"), rounds[0]), len(inputs.ids))["rows"][0]
+        if rounds
+        else None
+    )
+    return CurationData(
+        task_domains, texts, task_texts, trak_rows, ctx.config.subsets.dirichlet_alpha, open_rows
+    )
 
 
 def write_selection(folder: Path, inputs: SelectInputs, outputs: SelectOutputs) -> None:
@@ -170,8 +368,8 @@ def write_selection(folder: Path, inputs: SelectInputs, outputs: SelectOutputs) 
         }
     )
     write_table(folder / "selected.parquet", table)
-    if outputs.curation:
-        chosen = outputs.curation
+    if outputs.curation:  # "whole" is every row: recorded by name in the manifest only
+        chosen = {name: rows for name, rows in outputs.curation.items() if name != "whole"}
         write_table(
             folder / "curation.parquet",
             pa.table(
@@ -188,7 +386,8 @@ def run_select(ctx: StageContext, export: Path | None = None) -> str:
     if export is not None:  # refuse a bad target before any work (and before touching selection/)
         export_mode(export, layout, ctx.force)
     inputs = load_select_inputs(ctx)
-    outputs = choose(inputs, section, ctx.config.seed("curation-random"), ctx.progress)
+    data = load_curation_data(ctx, inputs) if section.curation else None
+    outputs = choose(inputs, section, ctx.config.seed, ctx.progress, data)
     with artifact_dir(layout.selection) as folder:
         write_selection(folder, inputs, outputs)
         write_manifest(

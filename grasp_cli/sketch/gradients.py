@@ -15,7 +15,7 @@ Three ways to get what a sketch needs, cheapest last:
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -94,12 +94,17 @@ def batch_size_of(batch: Batch) -> int:
 
 
 def per_example_gradients(
-    bundle: ModelBundle, names: list[str], batch: Batch, chunk_size: int | None = None
+    bundle: ModelBundle,
+    names: list[str],
+    batch: Batch,
+    chunk_size: int | None = None,
+    scalar: Callable[[torch.Tensor, Batch], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{name: [B, *param.shape]}``: the gradient of each example's loss at the module's parameters.
 
     Each example runs as a batch of one inside ``vmap``, so row ``b`` depends on example ``b``
     alone. ``chunk_size`` bounds how many examples ``vmap`` runs at once (memory).
+    ``scalar(outputs, batch) -> [1]`` replaces the loss (e.g. TRAK's model output).
     """
     module = bundle.module
     params = dict(module.named_parameters())
@@ -107,10 +112,12 @@ def per_example_gradients(
     fixed = {name: p.detach() for name, p in params.items() if name not in chosen}
     buffers = dict(module.named_buffers())
 
+    of_outputs = scalar or bundle.per_example_loss
+
     def loss_of_one(selected: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
         single = {key: value.unsqueeze(0) for key, value in example.items()}
         outputs = functional_call(module, (selected, fixed, buffers), bundle.inputs(single))
-        return bundle.per_example_loss(outputs, single).squeeze(0)
+        return of_outputs(outputs, single).squeeze(0)
 
     return vmap(grad(loss_of_one), in_dims=(None, 0), chunk_size=chunk_size)(chosen, batch)
 

@@ -45,6 +45,13 @@ def damage(ctx: StageContext, name: str, manifest: Manifest) -> str | None:
             open_group_read(folder, ZARR_ARTIFACTS[name]).verify_all()
         elif name in PART_ARTIFACTS:
             verify_files(folder, manifest, PART_ARTIFACTS[name], "rerun its stage with --force")
+        elif name == "loop":  # every finished round's result parts
+            from grasp_cli.artifacts.manifest import read_manifest as read
+            from grasp_cli.retrain.loop import finished_rounds, round_folder
+
+            for number in finished_rounds(folder):
+                part_folder = round_folder(folder, number)
+                verify_files(part_folder, read(part_folder), "part-*.parquet", "rerun the round")
         elif manifest.content and folder_digest(folder) != manifest.content:
             return (
                 f"its files changed since they were written; rerun `grasp {manifest.stage} --force`"
@@ -79,8 +86,13 @@ def artifact_state(ctx: StageContext, name: str) -> str:
     return f"ok ({manifest.created})"
 
 
+OPTIONAL = {"loop"}  # shown only when the run has one (the closed loop is a choice)
+
+
 def run_status(ctx: StageContext) -> str:
     lines = [f"run: {ctx.layout.root}"]
     for name, (stage, _, _) in ARTIFACTS.items():
+        if name in OPTIONAL and not ctx.layout.path(name).exists():
+            continue
         lines.append(f"  {name:<10} {artifact_state(ctx, name):<60} <- grasp {stage}")
     return "\n".join(lines)

@@ -104,10 +104,13 @@ class _ScoreBaseline:
 
 
 class TrakBaseline(_ScoreBaseline):
-    """TRAK-style additive scores ``Σ_{i∈S} φ_iᵀ (ΦᵀΦ + λ'I)⁻¹ r_t`` (÷|S| for 'mean').
+    """TRAK's additive scores ``Σ_{i∈S} Q_i ψ_iᵀ (ΨᵀΨ + λ'I)⁻¹ ψ_t`` (÷|S| for 'mean').
 
-    residuals ``[T, k]``; moments: corpus ``ΦᵀΦ``; ridge: relative ``λ`` (``λ' = λ tr/k'``;
-    ``inf`` gives plain alignment ``⟨Σφ_i, r_t⟩``); k_prime: sketch prefix.
+    On the ``trak`` feature set (``features.sets["trak"]`` holds ``Σ_{i∈S} Q_i ψ_i`` and
+    ``moments.kernel_gram`` is the unweighted ``ΨᵀΨ``) this is TRAK as published, θ0 only.
+    On the ``sketch`` set it is the TRAK-style score of the loss-gradient sketches.
+    residuals ``[T, k]`` (the task directions ``ψ_t``, or ``−r_t``); ridge: relative ``λ``
+    (``λ' = λ tr/k'``; ``inf`` gives plain alignment); k_prime: feature prefix.
     """
 
     kind = "trak"
@@ -120,6 +123,7 @@ class TrakBaseline(_ScoreBaseline):
         k_prime: int | None = None,
         ridge: float = 1e-3,
         aggregation: str = "mean",
+        feature_set: str = "sketch",
     ) -> None:
         """Store the hyperparameters; the kernel solve happens in ``fit``."""
         self.residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
@@ -127,6 +131,7 @@ class TrakBaseline(_ScoreBaseline):
         self.k_prime = int(self.residuals.shape[1] if k_prime is None else k_prime)
         self.ridge = float(ridge)
         self.aggregation = aggregation
+        self.feature_set = feature_set
 
     def fit(self, features: SubsetFeatures, utilities: np.ndarray) -> TrakBaseline:
         if not 0 < self.k_prime <= min(self.residuals.shape[1], self.moments.k):
@@ -137,21 +142,53 @@ class TrakBaseline(_ScoreBaseline):
         if math.isinf(self.ridge):
             self.directions = r.copy()
         else:
-            gram = self.moments.gram[: self.k_prime, : self.k_prime]
+            gram = self.moments.kernel_gram[: self.k_prime, : self.k_prime]
             penalty = self.ridge * float(np.trace(gram)) / self.k_prime
             self.directions = ridge_solve(gram, r.T, penalty).T  # [T, k']
         return super().fit(features, utilities)
 
     def scores(self, features: SubsetFeatures) -> np.ndarray:
-        return features.sums[:, : self.k_prime] @ self.directions.T / self._divisor(features)
+        sums = features.set_sums(self.feature_set)[:, : self.k_prime]
+        return sums @ self.directions.T / self._divisor(features)
+
+    def example_scores(self, rows: np.ndarray) -> np.ndarray:
+        """Per-example scores ``[b, T]`` of feature rows ``[b, ≥k']`` (``Q_i ψ_i`` for 'trak')."""
+        return np.asarray(rows, dtype=np.float64)[:, : self.k_prime] @ self.directions.T
 
     def params(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "features": self.feature_set,
             "k": self.k_prime,
             "ridge": float_to_json(self.ridge),
             "aggregation": self.aggregation,
         }
+
+
+class ReferenceScores(_ScoreBaseline):
+    """A reference implementation's per-example scores, summed over the subset (÷|S| for 'mean').
+
+    ``features.sets[name]`` holds ``Σ_{i∈S} τ_i`` for ``L`` variants side by side
+    (``[M, L·T]``; for ``trak-ref``: one per traker ``lambda_reg``); ``variant`` picks one.
+    """
+
+    kind = "reference"
+
+    def __init__(self, name: str, variant: int, n_tasks: int, *, aggregation: str = "sum") -> None:
+        self.name, self.variant, self.n_tasks = name, int(variant), int(n_tasks)
+        self.aggregation = aggregation
+
+    def fit(self, features: SubsetFeatures, utilities: np.ndarray) -> ReferenceScores:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}")
+        return super().fit(features, utilities)
+
+    def scores(self, features: SubsetFeatures) -> np.ndarray:
+        lo = self.variant * self.n_tasks
+        return features.set_sums(self.name)[:, lo : lo + self.n_tasks] / self._divisor(features)
+
+    def params(self) -> dict[str, Any]:
+        return {"kind": self.name, "variant": self.variant, "aggregation": self.aggregation}
 
 
 class GradientCosine(_ScoreBaseline):

@@ -35,11 +35,19 @@ class CorpusMoments:
     """First and second moments of the sketches over the whole corpus.
 
     n: number of examples ``N``; ``total``: ``Σ_i φ_i`` ``[k]``; ``gram``: ``ΦᵀΦ`` ``[k, k]``.
+    kernel: for a feature set built from weighted rows ``φ_i = w_i ψ_i`` (TRAK's ``Q_i ψ_i``),
+    the *unweighted* ``ΨᵀΨ`` ``[k, k]`` (TRAK's kernel); None otherwise (it is then ``gram``).
     """
 
     n: int
     total: np.ndarray
     gram: np.ndarray
+    kernel: np.ndarray | None = None
+
+    @property
+    def kernel_gram(self) -> np.ndarray:
+        """The Gram matrix a TRAK-style kernel ``(K + λI)⁻¹`` uses."""
+        return self.gram if self.kernel is None else self.kernel
 
     @property
     def k(self) -> int:
@@ -70,6 +78,9 @@ class SubsetFeatures:
     overlaps: ``[M, M_all]`` ``|S_j ∩ S_l|`` against every subset ``l`` of the
         membership array (columns are global ids, so taking rows keeps them valid), or None.
     n_examples: corpus size ``N``.
+    sets: other feature sets' sums over the same subsets, ``{name: [M, k_set]}`` (e.g.
+        ``"trak"``: ``Σ_{i∈S} Q_i ψ_i``; ``"trak-ref"``: summed per-example reference scores).
+        ``sums`` is the set named ``"sketch"``.
     """
 
     sums: np.ndarray
@@ -81,6 +92,7 @@ class SubsetFeatures:
     domain_names: list[str] | None = None
     overlaps: np.ndarray | None = None
     n_examples: int = 0
+    sets: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.sums.shape[0])
@@ -101,7 +113,18 @@ class SubsetFeatures:
             normalized_sums={d: s[rows] for d, s in self.normalized_sums.items()},
             domain_counts=None if self.domain_counts is None else self.domain_counts[rows],
             overlaps=None if self.overlaps is None else self.overlaps[rows],
+            sets={name: values[rows] for name, values in self.sets.items()},
         )
+
+    def set_sums(self, name: str) -> np.ndarray:
+        """``[M, k_set]`` sums of feature set ``name`` (``"sketch"``: ``sums``)."""
+        if name == "sketch":
+            return self.sums
+        if name not in self.sets:
+            raise ValueError(
+                f"feature set {name!r} was not computed (have: sketch, {', '.join(self.sets)})"
+            )
+        return self.sets[name]
 
     def check_nonempty(self) -> None:
         """Raise ValueError if a subset has no members (its mean is undefined)."""
@@ -147,6 +170,7 @@ def compute_subset_features(
     domain_names: Sequence[str] | None = None,
     normalized_dims: Sequence[int] = (),
     with_overlaps: bool = False,
+    row_weights: np.ndarray | None = None,
 ) -> tuple[SubsetFeatures, CorpusMoments]:
     """One pass over ``phi_blocks`` → per-subset features and corpus moments.
 
@@ -157,6 +181,8 @@ def compute_subset_features(
     domains: int codes ``[N]`` in ``0..D-1`` (``D = len(domain_names)`` or ``max+1``).
     normalized_dims: prefixes ``k'`` for which to accumulate sums of unit-normalized rows.
     with_overlaps: also accumulate the ``[M, M]`` overlap counts (datamodels; costs ``M²N``).
+    row_weights: ``[N]``: the features are ``w_i · block_i`` (TRAK's ``Q_i ψ_i``), and the
+        moments also get the unweighted ``kernel`` ``ΨᵀΨ``.
 
     Raises ValueError when blocks overlap, leave members uncovered or disagree on ``k``.
     """
@@ -179,6 +205,7 @@ def compute_subset_features(
 
     sums: np.ndarray | None = None
     gram: np.ndarray | None = None
+    kernel: np.ndarray | None = None
     total: np.ndarray | None = None
     sizes = np.zeros(n_subsets, dtype=np.int64)
     sq_norm_sums = np.zeros(n_subsets)
@@ -196,6 +223,7 @@ def compute_subset_features(
         if sums is None:
             sums = np.zeros((n_subsets, k))
             gram = np.zeros((k, k))
+            kernel = np.zeros((k, k)) if row_weights is not None else None
             total = np.zeros(k)
             for d in normalized_dims:
                 if not 0 < d <= k:
@@ -212,6 +240,9 @@ def compute_subset_features(
         for lo in range(int(start), stop, _SUB_BLOCK_ROWS):
             hi = min(lo + _SUB_BLOCK_ROWS, stop)
             rows = block[lo - start : hi - start].astype(np.float64)
+            if row_weights is not None:
+                kernel += rows.T @ rows
+                rows = rows * np.asarray(row_weights[lo:hi], dtype=np.float64)[:, None]
             bits = _unpack_columns(packed, lo, hi)
             mask = bits.astype(np.float64)
             sizes += bits.sum(axis=1, dtype=np.int64)
@@ -268,4 +299,4 @@ def compute_subset_features(
         overlaps=overlaps,
         n_examples=int(n_examples),
     )
-    return features, CorpusMoments(n=int(n_examples), total=total, gram=gram)
+    return features, CorpusMoments(n=int(n_examples), total=total, gram=gram, kernel=kernel)

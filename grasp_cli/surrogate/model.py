@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 AGGREGATIONS = ("mean", "sum")
-ALIGNMENTS = ("plain", "natural")
+ALIGNMENTS = ("plain", "natural", "kernel")
 NATURAL_DAMPING = (
     1e-2  # damping of the sketched Gauss–Newton metric, relative to its mean eigenvalue
 )
@@ -114,15 +114,49 @@ def check_utilities(utilities: np.ndarray, n_subsets: int, what: str = "utilitie
     return values
 
 
-def subset_aggregates(
-    features: SubsetFeatures, k_prime: int, aggregation: str, n_ref: float | None = None
+def kernel_direction(
+    directions: np.ndarray, moments: CorpusMoments | None, ridge: float
 ) -> np.ndarray:
-    """``m_S`` ``[M, k']``: mean of member sketches, or their sum divided by ``n_ref``."""
+    """TRAK's kernel-whitened task directions ``(K + λ'I)⁻¹ g`` ``[T, k']`` on the prefix.
+
+    ``K`` is the Gram matrix of the (unweighted) features, ``moments.kernel_gram``, and
+    ``λ' = ridge · tr(K)/k'``: the direction TRAK scores examples along. With it, GRASP's
+    linear term is TRAK's score of the subset, so GRASP with ``b = 0`` and no correction
+    *is* TRAK (same ranking): the LCB protocol can fall back to it. Rows are rescaled to their
+    original norms (a scale the fitted ``a_t`` absorbs anyway).
+    """
+    if moments is None:
+        raise ValueError("alignment 'kernel' needs the corpus moments")
+    if not ridge > 0 or not math.isfinite(ridge):
+        raise ValueError(f"alignment 'kernel' needs a finite ridge > 0, got {ridge}")
+    from grasp_cli.surrogate.baselines import ridge_solve
+
+    k_prime = directions.shape[1]
+    gram = moments.kernel_gram[:k_prime, :k_prime]
+    solved = ridge_solve(gram, directions.T, ridge * float(np.trace(gram)) / k_prime).T
+    norms = np.linalg.norm(directions, axis=1, keepdims=True)
+    solved_norms = np.linalg.norm(solved, axis=1, keepdims=True)
+    return solved * np.where(
+        solved_norms > 0, norms / np.where(solved_norms > 0, solved_norms, 1.0), 0.0
+    )
+
+
+def subset_aggregates(
+    features: SubsetFeatures,
+    k_prime: int,
+    aggregation: str,
+    n_ref: float | None = None,
+    feature_set: str = "sketch",
+) -> np.ndarray:
+    """``m_S`` ``[M, k']``: mean of member features, or their sum divided by ``n_ref``."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}: choose 'mean' or 'sum'")
-    if k_prime > features.k:
-        raise ValueError(f"sketch prefix k'={k_prime} exceeds the feature dimension k={features.k}")
-    sums = features.sums[:, :k_prime]
+    all_sums = features.set_sums(feature_set)
+    if k_prime > all_sums.shape[1]:
+        raise ValueError(
+            f"prefix k'={k_prime} exceeds the dimension {all_sums.shape[1]} of feature set {feature_set!r}"
+        )
+    sums = all_sums[:, :k_prime]
     if aggregation == "mean":
         features.check_nonempty()
         return sums / features.sizes[:, None]
@@ -220,8 +254,17 @@ class GraspSurrogate:
         moments: CorpusMoments | None = None,
         task_names: Sequence[str] | None = None,
         alignment: str = "plain",
+        feature_set: str = "sketch",
+        kernel_ridge: float | None = None,
+        direction_cache: dict | None = None,
     ) -> None:
-        """Store the hyperparameters; nothing is computed until ``fit`` (scikit-learn style)."""
+        """Store the hyperparameters; nothing is computed until ``fit`` (scikit-learn style).
+
+        feature_set: which features ``m_S`` aggregates ("sketch": the loss-gradient sketches;
+        "trak": TRAK's ``Q_i ψ_i``); ``targets``/``moments`` must be that set's. kernel_ridge:
+        the relative ridge of the 'kernel' alignment. direction_cache: a dict shared by the
+        candidates of one protocol run, so each direction is solved once, not once per fold.
+        """
         self.targets = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
         self.k_prime = int(self.targets.shape[1] if k_prime is None else k_prime)
         self.geometry = geometry if quadratic else "identity"
@@ -230,6 +273,9 @@ class GraspSurrogate:
         self.quadratic = bool(quadratic)
         self.moments = moments
         self.alignment = alignment
+        self.feature_set = feature_set
+        self.kernel_ridge = kernel_ridge
+        self.direction_cache = direction_cache
         self.task_names = (
             list(task_names)
             if task_names is not None
@@ -247,7 +293,9 @@ class GraspSurrogate:
         if not self.ridge >= 0:
             raise ValueError(f"ridge λ must be >= 0 (or inf), got {self.ridge}")
         if self.alignment not in ALIGNMENTS:
-            raise ValueError(f"unknown alignment {self.alignment!r}: choose 'plain' or 'natural'")
+            raise ValueError(
+                f"unknown alignment {self.alignment!r}: choose one of {', '.join(ALIGNMENTS)}"
+            )
         if len(self.task_names) != self.targets.shape[0]:
             raise ValueError(
                 f"{len(self.task_names)} task names for {self.targets.shape[0]} residuals"
@@ -257,9 +305,16 @@ class GraspSurrogate:
         """The task directions ``[T, k']`` the alignment term uses: the targets' prefix, or
         their natural (metric-preconditioned) version."""
         self._check_params()
+        key = (self.feature_set, self.k_prime, self.alignment, self.kernel_ridge)
+        if self.direction_cache is not None and key in self.direction_cache:
+            return self.direction_cache[key].copy()
         prefix = self.targets[:, : self.k_prime].copy()
         if self.alignment == "natural":
-            return natural_direction(prefix, self.moments)
+            prefix = natural_direction(prefix, self.moments)
+        elif self.alignment == "kernel":
+            prefix = kernel_direction(prefix, self.moments, float(self.kernel_ridge or 0.0))
+        if self.direction_cache is not None:
+            self.direction_cache[key] = prefix.copy()
         return prefix
 
     # ------------------------------------------------------------------ fitting
@@ -276,7 +331,9 @@ class GraspSurrogate:
 
     def aggregates(self, features: SubsetFeatures) -> np.ndarray:
         """``m_S`` ``[M, k']`` for the model's aggregation (needs a fitted ``n_ref`` for 'sum')."""
-        return subset_aggregates(features, self.k_prime, self.aggregation, self.n_ref_)
+        return subset_aggregates(
+            features, self.k_prime, self.aggregation, self.n_ref_, self.feature_set
+        )
 
     def fit(self, features: SubsetFeatures, utilities: np.ndarray) -> GraspSurrogate:
         """Fit every task on the given (fit-role) subsets. ``utilities``: ``[M, T]``, higher is better."""
@@ -397,7 +454,9 @@ class GraspSurrogate:
             )
         return {
             "kind": self.kind,
+            "features": self.feature_set,
             "alignment": self.alignment,
+            "kernel_ridge": None if self.kernel_ridge is None else float_to_json(self.kernel_ridge),
             "quadratic": self.quadratic,
             "k": self.k_prime,
             "geometry": self.geometry,
@@ -435,6 +494,7 @@ class GraspSurrogate:
             quadratic=bool(params["quadratic"]),
             task_names=[task["task"] for task in params["tasks"]],
             alignment="plain",  # the stored directions are already the fitted (e.g. natural) ones
+            feature_set=params.get("features", "sketch"),
         )
         model._check_params()
         model.directions_ = directions
@@ -460,4 +520,6 @@ class GraspSurrogate:
             moments=self.moments,
             task_names=self.task_names,
             alignment=self.alignment,
+            feature_set=self.feature_set,
+            kernel_ridge=self.kernel_ridge,
         )

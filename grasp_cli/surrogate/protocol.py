@@ -30,6 +30,7 @@ from grasp_cli.surrogate.baselines import (
     Datamodels,
     DomainMixture,
     GradientCosine,
+    ReferenceScores,
     TrakBaseline,
 )
 from grasp_cli.surrogate.features import CorpusMoments, SubsetFeatures
@@ -42,15 +43,22 @@ from grasp_cli.surrogate.lcb import (
     repeated_kfold,
     score_candidates,
 )
-from grasp_cli.surrogate.metrics import bootstrap_correlations, pearson, spearman
+from grasp_cli.surrogate.metrics import (
+    bootstrap_correlations,
+    bootstrap_paired_difference,
+    pearson,
+    spearman,
+)
 from grasp_cli.surrogate.model import GraspSurrogate, check_utilities
 
 __all__ = [
+    "FeatureSet",
     "MethodFit",
     "MethodSpec",
     "ProtocolResult",
     "ProtocolSettings",
     "baseline_specs",
+    "compare_methods",
     "cost_curve",
     "evaluate_methods",
     "fit_method",
@@ -70,10 +78,14 @@ class ProtocolSettings:
     """
 
     k_grid: tuple[int, ...] = (32, 128)
+    feature_grid: tuple[str, ...] = ("sketch", "trak")
     alignment_grid: tuple[str, ...] = ("plain", "natural")
+    kernel_ridge_grid: tuple[float, ...] = (1e-2, 1e-1, 1.0)
+    quadratic_grid: tuple[bool, ...] = (True, False)
     geometry_grid: tuple[str, ...] = ("identity", "diagonal")
     ridge_grid: tuple[float, ...] = (1.0, float("inf"))
     aggregation_grid: tuple[str, ...] = ("mean",)
+    trak_ridge_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     folds: int = 5
     repeats: int = 2
     delta: float = 0.1
@@ -132,11 +144,15 @@ class MethodFit:
                 {
                     "method": self.name,
                     "n_fit": self.n_fit,
+                    "features": cand.get("features"),
                     "k": cand.get("k"),
                     "alignment": cand.get("alignment"),
+                    "kernel_ridge": cand.get("kernel_ridge"),
+                    "quadratic": cand.get("quadratic"),
                     "geometry": cand.get("geometry"),
                     "ridge": cand.get("ridge"),
                     "aggregation": cand.get("aggregation"),
+                    "variant": cand.get("variant"),
                     "mean": score.mean,
                     "lcb": score.lcb,
                     "n": score.n,
@@ -178,70 +194,132 @@ def _valid_dims(k_grid: Sequence[int], k_max: int) -> list[int]:
 # ------------------------------------------------------------------- method specs
 
 
+@dataclass
+class FeatureSet:
+    """One kind of per-example features the surrogate can aggregate over a subset.
+
+    name: "sketch" (the loss-gradient sketches φ_i) or "trak" (TRAK's ``Q_i ψ_i``);
+    targets: the task directions ``[T, k_set]`` the alignment term uses (``−r_t``, the task
+    loss gradient, for "sketch"; ``ψ_t``, the task's output gradient, for "trak" — in both
+    cases a positive inner product with ``m_S`` means training on S helps the task);
+    moments: the set's corpus moments (``kernel`` is the unweighted Gram for "trak").
+    """
+
+    name: str
+    targets: np.ndarray
+    moments: CorpusMoments
+
+    @property
+    def dim(self) -> int:
+        return int(self.targets.shape[1])
+
+
+def set_dims(k_grid: Sequence[int], dim: int) -> list[int]:
+    """A feature set's prefixes: the grid's dims that fit, and always the whole set."""
+    return sorted({int(k) for k in k_grid if 0 < int(k) <= dim} | {int(dim)})
+
+
 def grasp_spec(
-    residuals: np.ndarray,
-    moments: CorpusMoments | None,
+    sets: Sequence[FeatureSet],
+    settings: Any,
     *,
-    k_grid: Sequence[int],
-    geometry_grid: Sequence[str],
-    ridge_grid: Sequence[float],
-    aggregation_grid: Sequence[str],
     task_names: Sequence[str] | None = None,
-    quadratic: bool = True,
+    quadratic_grid: Sequence[bool] | None = None,
     name: str = "grasp",
-    alignment_grid: Sequence[str] = ("plain",),
 ) -> MethodSpec:
-    """GRASP's grid ``k' × alignment × G × λ × aggregation`` (``quadratic=False``: additive
-    alignment, whose grid drops the geometry)."""
-    residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
-    dims = _valid_dims(k_grid, residuals.shape[1])
-    geometries = list(dict.fromkeys(geometry_grid)) if quadratic else [None]
-    grid = [
-        {"k": k, "alignment": al, "geometry": g, "ridge": float(lam), "aggregation": agg}
-        for k, al, g, lam, agg in itertools.product(
-            dims,
-            list(dict.fromkeys(alignment_grid)),
-            geometries,
-            list(dict.fromkeys(ridge_grid)),
-            list(dict.fromkeys(aggregation_grid)),
-        )
-    ]
+    """GRASP's finite grid: feature set × k' × alignment (plain | natural | kernel λ) ×
+    (quadratic term with geometry G, or none) × correction ridge λ × aggregation.
+
+    The grid holds the additive models (no quadratic term) and, on the "trak" set with the
+    kernel alignment and no correction, TRAK itself: GRASP nests the best additive
+    predictor, and the LCB protocol falls back to it when the interaction terms do not earn
+    their place on the fit subsets. ``quadratic_grid=(False,)`` gives the additive baseline.
+    """
+    settings = ProtocolSettings.of(settings)
+    quadratics = list(
+        dict.fromkeys(settings.quadratic_grid if quadratic_grid is None else quadratic_grid)
+    )
+    cache: dict = {}
+    by_name = {fs.name: fs for fs in sets}
+    grid: list[dict[str, Any]] = []
+    for fs in sets:
+        alignments: list[tuple[str, float | None]] = []
+        for al in dict.fromkeys(settings.alignment_grid):
+            if al == "kernel":
+                alignments += [
+                    ("kernel", float(lam)) for lam in dict.fromkeys(settings.kernel_ridge_grid)
+                ]
+            else:
+                alignments.append((al, None))
+        for k, (al, lam_k), quad, lam, agg in itertools.product(
+            set_dims(settings.k_grid, fs.dim),
+            alignments,
+            quadratics,
+            list(dict.fromkeys(settings.ridge_grid)),
+            list(dict.fromkeys(settings.aggregation_grid)),
+        ):
+            geometries = list(dict.fromkeys(settings.geometry_grid)) if quad else [None]
+            for g in geometries:
+                grid.append(
+                    {
+                        "features": fs.name,
+                        "k": k,
+                        "alignment": al,
+                        "kernel_ridge": lam_k,
+                        "quadratic": bool(quad),
+                        "geometry": g,
+                        "ridge": float(lam),
+                        "aggregation": agg,
+                    }
+                )
 
     def build(c: dict[str, Any]) -> GraspSurrogate:
+        fs = by_name[c["features"]]
         return GraspSurrogate(
-            residuals,
+            fs.targets,
             k_prime=c["k"],
             geometry=c["geometry"] or "identity",
             ridge=c["ridge"],
             aggregation=c["aggregation"],
-            quadratic=quadratic,
-            moments=moments,
+            quadratic=c["quadratic"],
+            moments=fs.moments,
             task_names=task_names,
-            alignment=c.get("alignment", "plain"),
+            alignment=c["alignment"],
+            feature_set=fs.name,
+            kernel_ridge=c["kernel_ridge"],
+            direction_cache=cache,
         )
 
     def complexity(c: dict[str, Any]) -> tuple:
         return (
+            c["quadratic"],
             c["k"],
-            c.get("alignment", "plain") != "plain",
+            c["alignment"] != "plain",
             GEOMETRY_ORDER.get(c["geometry"] or "identity", 99),
             -c["ridge"],
             _AGGREGATION_ORDER[c["aggregation"]],
+            c["features"] != "sketch",
         )
 
     return MethodSpec(name, grid, build, complexity)
 
 
 def baseline_specs(
-    residuals: np.ndarray,
-    moments: CorpusMoments,
+    sets: Sequence[FeatureSet],
     features_fit: SubsetFeatures,
     settings: Any,
     task_names: Sequence[str] | None = None,
 ) -> tuple[list[MethodSpec], dict[str, str]]:
-    """The baselines that the available features allow → (specs, {skipped method: reason})."""
+    """The baselines that the available features allow → (specs, {skipped method: reason}).
+
+    ``trak`` is TRAK as published (θ0 only) when the "trak" feature set exists; without it, it
+    scores the loss-gradient sketches the same way (its params say which: ``features``). ``trak-ref`` is the
+    ``traker`` package's own scores (``features.sets["trak-ref"]``), when they were computed.
+    """
     settings = ProtocolSettings.of(settings)
-    residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
+    by_name = {fs.name: fs for fs in sets}
+    sketch = by_name["sketch"]
+    residuals = sketch.targets
     k_max = min(residuals.shape[1], features_fit.k)
     dims = _valid_dims(settings.k_grid, k_max)
     aggregations = list(dict.fromkeys(settings.aggregation_grid))
@@ -249,20 +327,10 @@ def baseline_specs(
     finite_ridges = [r for r in ridges if math.isfinite(r)]
     specs: list[MethodSpec] = []
     skipped: dict[str, str] = {}
+    n_tasks = residuals.shape[0]
 
     specs.append(
-        grasp_spec(
-            residuals,
-            moments,
-            k_grid=dims,
-            geometry_grid=["identity"],
-            ridge_grid=settings.ridge_grid,
-            aggregation_grid=aggregations,
-            task_names=task_names,
-            quadratic=False,
-            name="additive",
-            alignment_grid=settings.alignment_grid,
-        )
+        grasp_spec(sets, settings, task_names=task_names, quadratic_grid=(False,), name="additive")
     )
 
     def by_k_ridge_agg(c: dict[str, Any]) -> tuple:
@@ -272,20 +340,47 @@ def baseline_specs(
             _AGGREGATION_ORDER.get(c.get("aggregation"), 0),
         )
 
+    trak_set = by_name.get("trak", sketch)
     trak_grid = [
-        {"k": k, "ridge": r, "aggregation": a}
-        for k, r, a in itertools.product(dims, ridges, aggregations)
+        {"k": k, "ridge": float(r), "aggregation": a}
+        for k, r, a in itertools.product(
+            set_dims(settings.k_grid, trak_set.dim),
+            dict.fromkeys(settings.trak_ridge_grid),
+            dict.fromkeys(["sum", "mean"]),
+        )
     ]
     specs.append(
         MethodSpec(
             "trak",
             trak_grid,
             lambda c: TrakBaseline(
-                residuals, moments, k_prime=c["k"], ridge=c["ridge"], aggregation=c["aggregation"]
+                trak_set.targets,
+                trak_set.moments,
+                k_prime=c["k"],
+                ridge=c["ridge"],
+                aggregation=c["aggregation"],
+                feature_set=trak_set.name,
             ),
             by_k_ridge_agg,
         )
     )
+    if "trak-ref" in features_fit.sets:
+        variants = features_fit.sets["trak-ref"].shape[1] // max(n_tasks, 1)
+        specs.append(
+            MethodSpec(
+                "trak-ref",
+                [
+                    {"variant": v, "aggregation": a}
+                    for v, a in itertools.product(range(variants), ["sum", "mean"])
+                ],
+                lambda c: ReferenceScores(
+                    "trak-ref", c["variant"], n_tasks, aggregation=c["aggregation"]
+                ),
+                lambda c: (c["variant"], _AGGREGATION_ORDER[c["aggregation"]]),
+            )
+        )
+    else:
+        skipped["trak-ref"] = "the traker package did not run (sketch.trak_ref; grasp-cli[anchors])"
 
     cos_dims = [k for k in dims if k in features_fit.normalized_sums]
     if not cos_dims:
@@ -514,6 +609,58 @@ def cost_curve(
     return eval_rows, lcb_rows
 
 
+def compare_methods(
+    models: dict[str, Estimator],
+    features_eval: SubsetFeatures,
+    utilities_eval: np.ndarray,
+    suites: dict[str, np.ndarray],
+    *,
+    reference: str = "grasp",
+    n_boot: int,
+    seed: int,
+    min_subsets: int = 5,
+) -> list[dict[str, Any]]:
+    """``reference`` − every other method on each suite of eval subsets, paired.
+
+    suites: name -> positions into the eval arrays (e.g. "all", one per design; a suite with
+    fewer than ``min_subsets`` is skipped). Each row: suite, method (the reference), baseline,
+    difference of mean-over-tasks Spearman with its paired bootstrap 95 % interval (the same
+    resampled subsets for both), n_eval, and ``best``: whether the baseline has the highest
+    point estimate of all the others on that suite (the constant predictor is left out).
+    """
+    rows: list[dict[str, Any]] = []
+    measured_all = check_utilities(utilities_eval, len(features_eval), "evaluation utilities")
+    others = [m for m in models if m not in (reference, "constant")]
+    for suite, positions in suites.items():
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(positions) < min_subsets or reference not in models or not others:
+            continue
+        part = features_eval.take(positions)
+        measured = measured_all[positions]
+        predicted = {m: np.asarray(models[m].predict(part), dtype=np.float64) for m in models}
+        means = {m: float(np.mean(spearman(predicted[m], measured))) for m in predicted}
+        best = max(others, key=lambda m: np.nan_to_num(means[m], nan=-2.0))
+        for other in others:
+            diff, low, high = bootstrap_paired_difference(
+                predicted[reference], predicted[other], measured, n_boot=n_boot, seed=seed
+            )
+            rows.append(
+                {
+                    "suite": suite,
+                    "method": reference,
+                    "baseline": other,
+                    "method_spearman": means[reference],
+                    "baseline_spearman": means[other],
+                    "difference": diff,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "n_eval": int(len(positions)),
+                    "best": other == best,
+                }
+            )
+    return rows
+
+
 def split_by_role(
     features: SubsetFeatures, utilities: np.ndarray, roles: Sequence[str]
 ) -> tuple[SubsetFeatures, np.ndarray, SubsetFeatures, np.ndarray]:
@@ -538,11 +685,12 @@ def run_protocol(
     features_eval: SubsetFeatures,
     utilities_eval: np.ndarray,
     *,
-    residuals: np.ndarray,
-    moments: CorpusMoments,
     settings: Any,
     seed: int,
     task_names: Sequence[str],
+    sets: Sequence[FeatureSet] | None = None,
+    residuals: np.ndarray | None = None,
+    moments: CorpusMoments | None = None,
     baselines: bool = True,
 ) -> ProtocolResult:
     """The whole ``fit-surrogate`` computation.
@@ -550,11 +698,19 @@ def run_protocol(
     1. GRASP and every baseline choose their hyperparameters by the LCB protocol and are
        refit — on ``features_fit``/``utilities_fit`` only.
     2. The frozen models are evaluated on ``features_eval``/``utilities_eval``.
-    3. Artifact-cost curve: GRASP, protocol included, on the first ``n`` fit subsets for
-       ``n`` in ``settings.cost_curve`` (the all-subsets point is the step-2 GRASP row).
+    3. Artifact-cost curves: every fitted method, protocol included, on the first ``n`` fit
+       subsets for ``n`` in ``settings.cost_curve`` (the all-subsets point is the step-2 row).
+    ``sets``: the feature sets (default: one "sketch" set from ``residuals``, the alignment
+    targets, and ``moments``); GRASP's grid uses those named in ``settings.feature_grid``.
     ``seed`` drives the folds; the bootstrap uses a seed derived from it.
     """
     settings = ProtocolSettings.of(settings)
+    if sets is None:
+        if residuals is None or moments is None:
+            raise ValueError("run_protocol needs feature sets, or residuals and moments")
+        sets = [
+            FeatureSet("sketch", np.atleast_2d(np.asarray(residuals, dtype=np.float64)), moments)
+        ]
     values_fit = check_utilities(utilities_fit, len(features_fit), "fit utilities")
     task_names = list(task_names)
     if values_fit.shape[1] != len(task_names):
@@ -566,21 +722,14 @@ def run_protocol(
         "delta": settings.delta,
         "seed": fold_seed,
     }
-
-    main_spec = grasp_spec(
-        residuals,
-        moments,
-        k_grid=_valid_dims(settings.k_grid, features_fit.k),
-        geometry_grid=settings.geometry_grid,
-        ridge_grid=settings.ridge_grid,
-        aggregation_grid=settings.aggregation_grid,
-        task_names=task_names,
-        alignment_grid=settings.alignment_grid,
-    )
+    grasp_sets = [fs for fs in sets if fs.name in settings.feature_grid or fs.name == "sketch"]
+    if "sketch" not in settings.feature_grid and len(grasp_sets) > 1:
+        grasp_sets = [fs for fs in grasp_sets if fs.name != "sketch"]
+    main_spec = grasp_spec(grasp_sets, settings, task_names=task_names)
     specs = [main_spec]
     skipped: dict[str, str] = {}
     if baselines:
-        extra, skipped = baseline_specs(residuals, moments, features_fit, settings, task_names)
+        extra, skipped = baseline_specs(sets, features_fit, settings, task_names)
         specs.extend(extra)
     fits = fit_methods(specs, features_fit, values_fit, skipped=skipped, **cv)
 
@@ -595,19 +744,26 @@ def run_protocol(
         n_boot=settings.bootstrap,
         seed=boot_seed,
     )
-    curve_eval, curve_lcb = cost_curve(
-        main_spec,
-        features_fit,
-        values_fit,
-        features_eval,
-        utilities_eval,
-        settings.cost_curve,
-        task_names=task_names,
-        n_boot=settings.bootstrap,
-        boot_seed=boot_seed,
-        include_all=False,
-        **cv,
-    )
+    curve_eval: list[dict[str, Any]] = []
+    curve_lcb: list[dict[str, Any]] = []
+    for spec in specs:  # every fitted method's artifact-cost curve (constant has none)
+        if spec.name not in fits or spec.name == "constant":
+            continue
+        rows_eval, rows_lcb = cost_curve(
+            spec,
+            features_fit,
+            values_fit,
+            features_eval,
+            utilities_eval,
+            settings.cost_curve,
+            task_names=task_names,
+            n_boot=settings.bootstrap,
+            boot_seed=boot_seed,
+            include_all=False,
+            **cv,
+        )
+        curve_eval += rows_eval
+        curve_lcb += rows_lcb
     return ProtocolResult(
         surrogate=fits["grasp"].model,  # type: ignore[arg-type]
         fits=fits,

@@ -37,7 +37,12 @@ from grasp_cli.errors import InputError
 from grasp_cli.surrogate.features import CorpusMoments, SubsetFeatures, compute_subset_features
 from grasp_cli.surrogate.metrics import spearman
 from grasp_cli.surrogate.model import GraspSurrogate, float_to_json
-from grasp_cli.surrogate.protocol import ProtocolResult, run_protocol
+from grasp_cli.surrogate.protocol import (
+    FeatureSet,
+    ProtocolResult,
+    compare_methods,
+    run_protocol,
+)
 from grasp_cli.surrogate.store import save_arrays
 
 
@@ -45,14 +50,16 @@ from grasp_cli.surrogate.store import save_arrays
 class FitInputs:
     """Everything ``fit_surrogate`` needs, read from the run: arrays, no files."""
 
-    features: SubsetFeatures  # every subset of subsets.zarr
+    features: SubsetFeatures  # every subset of subsets.zarr (all feature sets' sums)
     moments: CorpusMoments
     residuals: np.ndarray  # [T, k] r_t
+    trak: FeatureSet | None  # TRAK's features (targets ψ_t, moments with the unweighted kernel)
     task_names: list[str]
     roles: np.ndarray  # [M] fit | eval | given
     designs: np.ndarray  # [M]
     utilities: np.ndarray  # [M, T] −loss of the base-seed run (NaN where missing)
     repeat_utilities: np.ndarray | None  # [M, T] the same with the first other seed, if any
+    loop_rounds: list[int]  # closed-loop rounds whose subsets are among the fit subsets
 
 
 def load_fit_inputs(ctx: StageContext) -> FitInputs:
@@ -86,8 +93,23 @@ def load_fit_inputs(ctx: StageContext) -> FitInputs:
     repeat = (
         utilities(results, sketches.task_names, subsets.m, other_seeds[0]) if other_seeds else None
     )
+    # Closed-loop rounds: more fit subsets, near the proposals (never eval subsets).
+    from grasp_cli.retrain.loop import finished_rounds, load_round, round_folder
+
+    membership, roles, designs = subsets.membership, subsets.roles, subsets.design
+    loop_rounds = finished_rounds(layout.path("loop"))
+    for number in loop_rounds:
+        folder = round_folder(layout.path("loop"), number)
+        loaded = load_round(folder, subsets.n)
+        rows = utilities(read_results(folder), sketches.task_names, len(loaded["membership"]), seed)
+        membership = np.concatenate([membership, loaded["membership"]])
+        roles = np.concatenate([roles, np.array(["fit"] * len(rows))])
+        designs = np.concatenate([designs, np.array([f"loop-{number}"] * len(rows))])
+        measured = np.concatenate([measured, rows])
+        if repeat is not None:
+            repeat = np.concatenate([repeat, np.full_like(rows, np.nan)])
     features, moments = compute_subset_features(
-        subsets.membership,
+        membership,
         row_blocks(sketches.train),
         n_examples=subsets.n,
         domains=codes,
@@ -95,13 +117,30 @@ def load_fit_inputs(ctx: StageContext) -> FitInputs:
         normalized_dims=sorted(set(settings.k_grid)),
         with_overlaps=subsets.n <= settings.datamodels_max_n,
     )
+    trak = None
+    if sketches.trak_train is not None:  # TRAK's Q_i ψ_i: one more streamed pass
+        trak_features, trak_moments = compute_subset_features(
+            membership,
+            row_blocks(sketches.trak_train),
+            n_examples=subsets.n,
+            row_weights=sketches.trak_q,
+        )
+        features.sets["trak"] = trak_features.sums
+        trak = FeatureSet("trak", sketches.trak_tasks, trak_moments)
+    if sketches.trak_ref is not None:  # traker's per-example scores, summed per subset
+        ref_features, _ = compute_subset_features(
+            membership, row_blocks(sketches.trak_ref), n_examples=subsets.n
+        )
+        features.sets["trak-ref"] = ref_features.sums
     return FitInputs(
         features=features,
         moments=moments,
         residuals=sketches.residuals,
+        trak=trak,
         task_names=sketches.task_names,
-        roles=subsets.roles,
-        designs=subsets.design,
+        roles=roles,
+        designs=designs,
+        loop_rounds=loop_rounds,
         utilities=measured,
         repeat_utilities=repeat,
     )
@@ -115,7 +154,9 @@ class FitOutputs:
     params: dict[str, Any]
     prediction_rows: list[dict]
     by_design: list[dict]
+    comparison: list[dict]
     bootstrap: dict[str, np.ndarray] | None
+    baselines: dict[str, np.ndarray]  # what `select` needs of the fitted baselines
     n_fit: int
     n_eval: int
     fold_seed: int
@@ -157,14 +198,15 @@ def fit_surrogate(inputs: FitInputs, settings: Any, fold_seed: int, refit_seed: 
     # Sign convention. φ_i = P∇ℓ(z_i) is a gradient; training on S steps along −m_S, and the first-order
     # gain on task t is ⟨P∇L_t, m_S⟩ = ⟨r_t, −m_S⟩ with r_t = −P∇L_t. The surrogate's alignment term
     # ⟨v_t, m_S⟩ is therefore built on the task *gradient* −r_t, so that a_t ≥ 0 means "aligned helps".
-    alignment_targets = -inputs.residuals
+    sets = [FeatureSet("sketch", -inputs.residuals, inputs.moments)]
+    if inputs.trak is not None:
+        sets.append(inputs.trak)
     result = run_protocol(
         features.take(fit_rows),
         measured[fit_rows],
         features.take(eval_rows),
         measured[eval_rows],
-        residuals=alignment_targets,
-        moments=inputs.moments,
+        sets=sets,
         settings=settings,
         seed=fold_seed,
         task_names=task_names,
@@ -216,16 +258,62 @@ def fit_surrogate(inputs: FitInputs, settings: Any, fold_seed: int, refit_seed: 
         if settings.bootstrap_refits > 0
         else None
     )
+    baselines, baseline_params = baseline_arrays(result, features)
+    params["baselines"] = baseline_params
+    if features.domain_counts is not None:  # where the surrogate has seen data (trust region)
+        shares = features.domain_counts[fit_rows] / features.sizes[fit_rows, None]
+        params["fit_mixture"] = {
+            "domains": features.domain_names,
+            "max_share": shares.max(axis=0).tolist(),
+        }
+    eval_designs = inputs.designs[eval_rows]
+    suites = {"all": np.arange(len(eval_rows))}
+    suites.update({str(d): np.flatnonzero(eval_designs == d) for d in sorted(set(eval_designs))})
+    comparison = compare_methods(
+        {name: fit.model for name, fit in result.fits.items()},
+        features.take(eval_rows),
+        measured[eval_rows],
+        suites,
+        n_boot=settings.bootstrap,
+        seed=fold_seed,
+    )
     return FitOutputs(
         result=result,
         params=params,
         prediction_rows=prediction_rows,
         by_design=evaluation_by_design(prediction_rows, inputs.designs, task_names),
+        comparison=comparison,
         bootstrap=bootstrap,
+        baselines=baselines,
         n_fit=int(len(fit_rows)),
         n_eval=int(len(eval_rows)),
         fold_seed=fold_seed,
     )
+
+
+def baseline_arrays(
+    result: ProtocolResult, features: SubsetFeatures
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The fitted baselines the curation check selects with: the domain-mixture regression
+    (RegMix) and TRAK (top-B). Arrays for ``baselines.npz`` and their description."""
+    arrays: dict[str, np.ndarray] = {}
+    described: dict[str, Any] = {}
+    mixture = result.fits.get("mixture")
+    if mixture is not None:
+        arrays["mixture_coef"] = np.asarray(mixture.model.coef_)  # [D, T]
+        described["mixture"] = {"domains": features.domain_names, "ridge": mixture.model.ridge}
+    trak = result.fits.get("trak")
+    if trak is not None:
+        arrays["trak_directions"] = np.asarray(trak.model.directions)  # [T, k']
+        arrays["trak_slope"] = np.asarray(trak.model.slope_)  # [T] utility per unit score
+        described["trak"] = {
+            "method": trak.name,
+            "features": trak.model.feature_set,
+            "k": trak.model.k_prime,
+            "aggregation": trak.model.aggregation,
+            "n_ref": trak.model.n_ref_,
+        }
+    return arrays, described
 
 
 def write_fit_outputs(folder: Path, outputs: FitOutputs) -> None:
@@ -241,8 +329,12 @@ def write_fit_outputs(folder: Path, outputs: FitOutputs) -> None:
         write_table(
             folder / "evaluation_by_design.parquet", pa.Table.from_pylist(outputs.by_design)
         )
+    if outputs.comparison:
+        write_table(folder / "comparison.parquet", pa.Table.from_pylist(outputs.comparison))
     if outputs.bootstrap is not None:
         save_arrays(folder / "bootstrap.npz", outputs.bootstrap)
+    if outputs.baselines:
+        save_arrays(folder / "baselines.npz", outputs.baselines)
 
 
 def run_fit_surrogate(ctx: StageContext) -> str:
@@ -267,7 +359,11 @@ def run_fit_surrogate(ctx: StageContext) -> str:
                 config,
                 content=folder_digest(folder),
                 seeds={"folds": fold_seed},
-                extra={"n_fit": outputs.n_fit, "n_eval": outputs.n_eval},
+                extra={
+                    "n_fit": outputs.n_fit,
+                    "n_eval": outputs.n_eval,
+                    "loop_rounds": inputs.loop_rounds,
+                },
             ),
         )
     return summary_text(

@@ -21,6 +21,7 @@ class StoredSurrogate:
     params: dict[str, Any]  # the whole params.json
     utility_std: np.ndarray  # [T] std of measured fit utilities (selection's task scale)
     bootstrap: dict[str, np.ndarray] | None  # linear [R,T,k'], curvature [R,T], intercepts [R,T]
+    baselines: dict[str, np.ndarray]  # mixture_coef [D,T], trak_directions [T,k'], trak_slope [T]
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -52,6 +53,7 @@ def load_surrogate(folder: Path) -> StoredSurrogate:
     bootstrap = (
         load_arrays(folder / "bootstrap.npz") if (folder / "bootstrap.npz").exists() else None
     )
+    baselines = load_arrays(folder / "baselines.npz") if (folder / "baselines.npz").exists() else {}
     return StoredSurrogate(
-        model, params, np.asarray(params["utility_std"], dtype=np.float64), bootstrap
+        model, params, np.asarray(params["utility_std"], dtype=np.float64), bootstrap, baselines
     )
