@@ -165,7 +165,12 @@ def prepare(
 @app.command()
 def sketch(
     checkpoint: Annotated[
-        Path | None, typer.Option("--checkpoint", help="θ0 state dict (weights_only).")
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            help="θ0 state dict (weights_only), used as it is. A Hugging Face folder is the "
+            "model itself: model.kind = 'hf', model.path = DIR.",
+        ),
     ] = None,
     config: ConfigOpt = None,
     run: RunOpt = DEFAULT_RUN,
@@ -178,6 +183,12 @@ def sketch(
 ) -> None:
     """Per-example gradient sketches of the corpus and task residuals -> RUN/sketches.zarr."""
     ctx = _context(config, run, set_, force, shard, num_shards, quiet)
+    if checkpoint is not None and checkpoint.is_dir():
+        raise UsageError(
+            f"--checkpoint {checkpoint}: a folder; a Hugging Face save_pretrained folder is the "
+            f"model itself: set model.kind = 'hf' and model.path = '{checkpoint}' in the config "
+            "(every stage needs it)"
+        )
     if checkpoint is not None:
         ctx.config.reference.checkpoint = str(checkpoint)
     if dry_run:

@@ -45,6 +45,10 @@ def damage(ctx: StageContext, name: str, manifest: Manifest) -> str | None:
             open_group_read(folder, ZARR_ARTIFACTS[name]).verify_all()
         elif name in PART_ARTIFACTS:
             verify_files(folder, manifest, PART_ARTIFACTS[name], "rerun its stage with --force")
+        elif name == "reference":
+            from grasp_cli.reference import reference_damage
+
+            return reference_damage(folder, manifest)
         elif manifest.content and folder_digest(folder) != manifest.content:
             return (
                 f"its files changed since they were written; rerun `grasp {manifest.stage} --force`"

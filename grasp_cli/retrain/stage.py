@@ -26,7 +26,7 @@ from grasp_cli.artifacts.tables import read_table, write_table
 from grasp_cli.artifacts.zarr_io import CheckedGroup, chunk_digests, open_group_read
 from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError
-from grasp_cli.reference import data_shape_of, ensure_reference, new_bundle
+from grasp_cli.reference import ensure_reference, new_bundle, stage_data_shape
 
 RESULT_COLUMNS = ["subset_id", "role", "task", "metric", "value", "seed", "steps", "wall_s"]
 
@@ -143,7 +143,7 @@ def train_jobs(
     ctx.apply_threads()
     layout, config = ctx.layout, ctx.config
     tasks = read_tasks(layout.tasks)
-    bundle = new_bundle(ctx, data_shape_of(corpus))
+    bundle = new_bundle(ctx, stage_data_shape(ctx, corpus, tasks))
     init_state = (
         ensure_reference(ctx, corpus, bundle) if config.retrain.init == "reference" else None
     )

@@ -27,7 +27,7 @@ from grasp_cli.artifacts.zarr_io import (
     row_chunk_digests,
 )
 from grasp_cli.context import StageContext
-from grasp_cli.reference import data_shape_of, ensure_reference, new_bundle
+from grasp_cli.reference import ensure_reference, new_bundle, stage_data_shape
 
 
 def sketch_seed(ctx: StageContext) -> int:
@@ -40,7 +40,8 @@ def run_sketch(ctx: StageContext) -> str:
     require(layout, "corpus", config, force=ctx.force)
     require(layout, "tasks", config, force=ctx.force)
     corpus = read_examples(layout.corpus)
-    bundle = new_bundle(ctx, data_shape_of(corpus))
+    tasks = read_tasks(layout.tasks)
+    bundle = new_bundle(ctx, stage_data_shape(ctx, corpus, tasks))
     state = ensure_reference(ctx, corpus, bundle, rebuild=ctx.force)
     bundle.module.load_state_dict(state)
     bundle.module.to(ctx.device)
@@ -48,7 +49,6 @@ def run_sketch(ctx: StageContext) -> str:
     from grasp_cli.sketch.sketcher import Sketcher
 
     sketcher = Sketcher(bundle, config.sketch, sketch_seed(ctx), device=ctx.device)
-    tasks = read_tasks(layout.tasks)
     n_rows, k = len(corpus), sketcher.k
     del corpus  # rows are streamed from the shards below; memory stays bounded
     chunk = config.sketch.chunk_rows
