@@ -392,8 +392,11 @@ def kronecker_sketch(
         with_bias = site.bias is not None
         d_in = site.d_in + int(with_bias)
 
-        def hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            x_proj = projector.project_inputs(site.module, args[0].detach(), site.d_out, with_bias)
+        def hook(
+            layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor
+        ) -> torch.Tensor | None:
+            x = args[0] if args else next(iter(kwargs.values()))  # the layer's one input
+            x_proj = projector.project_inputs(site.module, x.detach(), site.d_out, with_bias)
             replaced = None
             if not output.requires_grad:
                 replaced = output = output.detach().requires_grad_(True)
@@ -408,7 +411,10 @@ def kronecker_sketch(
 
         return hook
 
-    handles = [layers[site.module].register_forward_hook(make_hook(site)) for site in sites]
+    handles = [
+        layers[site.module].register_forward_hook(make_hook(site), with_kwargs=True)
+        for site in sites
+    ]
     try:
         with frozen_parameters(module), torch.enable_grad():
             losses = _check_losses(
