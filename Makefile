@@ -1,6 +1,6 @@
 # grasp — set-up, demo, tests, benchmarks.
 #   make demo      create .venv, install, run the whole pipeline on the built-in demo corpus
-#   make test      create .venv, install with test extras, run pytest
+#   make test      create .venv, install with test extras (incl. transformers for the HF tests), run pytest
 # Torch defaults to the CPU build that lies on this machine's disk; pick another with e.g.
 #   make demo TORCH_SPEC='torch==2.5.1' TORCH_INDEX='--index-url https://download.pytorch.org/whl/cu124'
 
@@ -78,7 +78,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check grasp_cli tests scripts
 
 bench: $(VENV)/.installed-test
-	$(BIN)/python scripts/bench_sketch.py --json bench-sketch.json
+	$(BIN)/python scripts/bench_sketch.py --gpt2-small --json bench-sketch.json
 	$(BIN)/python scripts/bench_retrain.py --json bench-retrain.json
 	$(BIN)/python scripts/bench_select.py --json bench-select.json
 

@@ -22,6 +22,9 @@ import tomllib
 from grasp_cli.artifacts.layout import check_safe_name
 from grasp_cli.errors import ConfigError
 
+AUTO_STEPS = -1  # reference.steps = -1: the model kind's default, see ``resolve_auto``
+DEFAULT_REFERENCE_STEPS = 300  # a freshly initialized model; a checkpoint (kind 'hf') gets 0
+
 
 def _f(default: Any, help: str) -> Any:
     if isinstance(default, (list, dict)):
@@ -75,23 +78,53 @@ class PrepareSection:
 
 @dataclass
 class ModelSection:
-    kind: str = _f("transformer", "'transformer' (byte LM), 'mlp', 'cnn', or 'plugin'.")
-    factory: str = _f("", "For kind='plugin': 'package.module:function' returning a ModelBundle.")
+    kind: str = _f(
+        "transformer",
+        "'transformer' (byte LM), 'mlp', 'cnn', 'hf' (a Hugging Face causal LM folder, see "
+        "model.path; needs grasp-cli[hf]) or 'plugin' (see model.factory).",
+    )
+    factory: str = _f(
+        "",
+        "For kind='plugin' only: 'package.module:function' returning a ModelBundle "
+        "(set with another kind it is an error, never ignored).",
+    )
+    path: str = _f(
+        "",
+        "For kind='hf': a save_pretrained folder (config.json + *.safetensors), loaded offline "
+        "with AutoModelForCausalLM; θ0 is these weights as they are.",
+    )
+    dtype: str = _f(
+        "float32",
+        "Parameter dtype: 'float32', or 'bfloat16' (kind='hf' only; sketches are accumulated in "
+        "float32 either way).",
+    )
     n_layer: int = _f(2, "Transformer blocks.")
     n_head: int = _f(2, "Attention heads.")
     d_model: int = _f(64, "Transformer width.")
     hidden: int = _f(128, "MLP hidden width.")
     channels: int = _f(16, "CNN channels in the first conv layer.")
-    options: dict[str, Any] = _f({}, "Free-form options passed to a plugin factory.")
+    options: dict[str, Any] = _f(
+        {},
+        "kind='plugin': free-form options passed to the factory. kind='hf': overrides of "
+        "config.json attributes (e.g. {resid_pdrop = 0.0}); each must exist in config.json.",
+    )
 
 
 @dataclass
 class ReferenceSection:
     checkpoint: str = _f(
-        "", "State dict of θ0 (weights_only); empty = train one on a random slice."
+        "",
+        "State dict of θ0 (weights_only), used as is; empty = the model's initial weights "
+        "(the model.path checkpoint for kind='hf', a seeded init otherwise), trained for "
+        "reference.steps steps.",
     )
     slice_fraction: float = _f(0.5, "Fraction of the corpus the reference model is trained on.")
-    steps: int = _f(300, "Optimizer steps for the reference model.")
+    steps: int = _f(
+        AUTO_STEPS,
+        "Optimizer steps that train θ0 from the initial weights on a seeded corpus slice; 0 = θ0 "
+        f"is the initial weights as they are; -1 = 0 for kind='hf', {DEFAULT_REFERENCE_STEPS} "
+        "otherwise.",
+    )
     batch_size: int = _f(32, "Sequences per step.")
     lr: float = _f(3e-3, "Peak learning rate (AdamW, cosine decay).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -107,7 +140,21 @@ class SketchSection:
     )
     sjlt_nnz: int = _f(4, "SJLT: non-zeros per input coordinate.")
     params: list[str] = _f(
-        [], "Parameter-name globs to sketch (empty = all for dense, all Linear for kronecker)."
+        [],
+        "Parameter-name globs to sketch (empty with empty sketch.modules = all parameters for "
+        "dense kinds, every linear map for kronecker).",
+    )
+    modules: list[str] = _f(
+        [],
+        "Module-name globs (fnmatch, e.g. 'transformer.h.*.attn.*'): a module is chosen when its "
+        "name or an ancestor's matches. kronecker: the linear maps (nn.Linear, transformers' "
+        "Conv1D) among them; dense kinds: all their parameters. Empty = all (unless "
+        "sketch.params is set). Adds to sketch.params.",
+    )
+    exclude_modules: list[str] = _f(
+        [],
+        "Module-name globs removed from the selection (with everything under them), e.g. "
+        "['lm_head'].",
     )
     seed: int = _f(-1, "Projection seed (-1 = derived from run.seed).")
     batch_size: int = _f(64, "Examples per per-example-gradient batch.")
@@ -449,11 +496,12 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> GraspC
         section, key = dotted.strip().split(".", 1)
         _apply_table(config, {section: {key: _parse_override_value(raw.strip())}}, "--set")
     validate(config)
-    return config
+    return resolve_auto(config)
 
 
 _CHOICES = {
-    ("model", "kind"): ("transformer", "mlp", "cnn", "plugin"),
+    ("model", "kind"): ("transformer", "mlp", "cnn", "hf", "plugin"),
+    ("model", "dtype"): ("float32", "bfloat16"),
     ("sketch", "projection"): ("gaussian", "rademacher", "sjlt", "kronecker"),
     ("sketch", "dtype"): ("float32", "float16"),
     ("retrain", "init"): ("reference", "scratch"),
@@ -508,15 +556,11 @@ def validate(config: GraspConfig) -> None:
     for design in config.subsets.designs:
         if design not in ("mixture", "uniform", "within", "given"):
             raise ConfigError(f"subsets.designs: unknown design {design!r}")
-    if config.model.kind == "plugin" and ":" not in config.model.factory:
-        raise ConfigError(
-            "model.factory must be 'package.module:function' when model.kind = 'plugin'"
-        )
+    _validate_model(config)
     positive = [
         ("prepare", "seq_len"),
         ("prepare", "shard_rows"),
         ("prepare", "row_group_rows"),
-        ("reference", "steps"),
         ("reference", "batch_size"),
         ("reference", "lr"),
         ("sketch", "k"),
@@ -565,6 +609,10 @@ def validate(config: GraspConfig) -> None:
         value = getattr(getattr(config, section), key)
         if not value >= 0 or not math.isfinite(value):
             raise ConfigError(f"{section}.{key} = {value!r} must be >= 0")
+    if config.reference.steps < AUTO_STEPS:
+        raise ConfigError(
+            f"reference.steps = {config.reference.steps} must be >= 0 (-1 = the model kind's default)"
+        )
     fractions = [
         ("prepare", "holdout_fraction", False, False),
         ("reference", "slice_fraction", False, True),
@@ -617,6 +665,57 @@ def validate(config: GraspConfig) -> None:
             "documents would be silently replaced: rename the --task or drop the domain"
         )
     check_budget(config.select.budget)
+
+
+def _validate_model(config: GraspConfig) -> None:
+    """model.* keys that only make sense together: never a key that is silently ignored."""
+    model = config.model
+    if model.kind == "plugin" and ":" not in model.factory:
+        raise ConfigError(
+            "model.factory must be 'package.module:function' when model.kind = 'plugin'"
+        )
+    if model.factory and model.kind != "plugin":
+        raise ConfigError(
+            f"model.factory = {model.factory!r} is set but model.kind = {model.kind!r}: a factory "
+            "is used only with model.kind = 'plugin' (set it, or drop model.factory)"
+        )
+    if model.kind == "hf" and not model.path:
+        raise ConfigError(
+            "model.kind = 'hf' needs model.path = a save_pretrained folder "
+            "(config.json + *.safetensors)"
+        )
+    if model.path and model.kind != "hf":
+        raise ConfigError(
+            f"model.path = {model.path!r} is set but model.kind = {model.kind!r}: a model folder "
+            "is loaded only with model.kind = 'hf'"
+        )
+    if model.options and model.kind not in ("plugin", "hf"):
+        raise ConfigError(
+            f"model.options is set but model.kind = {model.kind!r}: options go to a plugin "
+            "factory or override a Hugging Face config.json (kinds 'plugin', 'hf')"
+        )
+    if model.dtype != "float32" and model.kind != "hf":
+        raise ConfigError(
+            f"model.dtype = {model.dtype!r} needs model.kind = 'hf' (the built-in models train "
+            "in float32)"
+        )
+    if model.kind == "hf" and config.retrain.parallel_models > 1:
+        raise ConfigError(
+            "retrain.parallel_models > 1 stacks models with torch.func.vmap, which Hugging Face "
+            "models do not support (data-dependent masking): use 1 and more shards"
+        )
+
+
+def resolve_auto(config: GraspConfig) -> GraspConfig:
+    """Replace "the kind's default" values by concrete ones (in place; returns ``config``).
+
+    ``reference.steps = -1`` becomes 0 for kind = 'hf' (the user's checkpoint is θ0 as it is)
+    and 300 otherwise (a fresh model is trained first). Artifacts then record, and hash, the
+    number of steps that actually ran.
+    """
+    if config.reference.steps == AUTO_STEPS:
+        config.reference.steps = 0 if config.model.kind == "hf" else DEFAULT_REFERENCE_STEPS
+    return config
 
 
 def check_budget(budget: int | float) -> None:

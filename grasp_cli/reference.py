@@ -1,15 +1,32 @@
-"""The reference model θ0: a user's checkpoint, or one grasp trains on a seeded slice of the corpus.
+"""The reference model θ0: a user's checkpoint, the model's initial weights, or those trained further.
 
-Saved as ``RUN/reference/model.pt`` (a plain state dict, loaded with
-``weights_only=True``) with its manifest. Both ``sketch`` and ``retrain-subsets``
-start from it.
+Where θ0 comes from, in order:
+
+1. ``reference.checkpoint`` (``--checkpoint``): a state dict, used as it is.
+2. ``reference.steps = 0``: the model's initial weights as they are: for ``model.kind = 'hf'``
+   the ``model.path`` checkpoint (the default for that kind), else the seeded init.
+3. ``reference.steps > 0``: the initial weights trained that many steps on a seeded
+   ``reference.slice_fraction`` of the corpus with the one trainer.
+
+Saved as ``RUN/reference/model.pt`` (a plain state dict, loaded with ``weights_only=True``)
+with its manifest, except a Hugging Face checkpoint used as it is: its weights are not
+copied; the manifest records their origin (``extra.origin``: the folder, each file's size
+and mtime, and sha256 digests of the weight files and of ``config.json``), and the
+manifest's content digest is that of the checkpoint. A later stage reuses θ0 only while
+the folder still holds those bytes (the digests are recomputed when a file's size or mtime
+changed), so a replaced checkpoint makes θ0, and everything made from it, stale. Both
+``sketch`` and ``retrain-subsets`` start from θ0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import os
 import pickle
 import re
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,27 +34,72 @@ import torch
 from grasp_cli.artifacts.atomic import atomic_dir, creation_lock, sweep_debris
 from grasp_cli.artifacts.examples import Examples
 from grasp_cli.artifacts.manifest import (
+    Manifest,
     build_manifest,
     file_digest,
     folder_digest,
     read_manifest_or_none,
+    require,
     staleness,
     write_manifest,
 )
+from grasp_cli.config import AUTO_STEPS, DEFAULT_REFERENCE_STEPS, GraspConfig
 from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError, first_line
 from grasp_cli.models import DataShape, ModelBundle, build_model
+from grasp_cli.models.transformer import PAD_ID
 
 STATE_FILE = "model.pt"
+INITIAL = "initial weights"  # extra.source of a θ0 that is the model's initial weights
 
 
-def data_shape_of(examples: Examples) -> DataShape:
+def data_shape_of(
+    examples: Examples, pad_id: int = PAD_ID, tasks: dict[str, Examples] | None = None
+) -> DataShape:
+    """What the model must know about the data; for tokens also the largest non-pad id of the
+    corpus and ``tasks`` (checked against the model's vocabulary when it is built)."""
     if "tokens" in examples.fields:
-        return DataShape(seq_len=int(examples.fields["tokens"].shape[1] - 1))
+        largest = max(
+            _max_token(data.fields["tokens"], pad_id)
+            for data in [examples, *(tasks or {}).values()]
+        )
+        return DataShape(
+            seq_len=int(examples.fields["tokens"].shape[1] - 1),
+            pad_id=pad_id,
+            max_token_id=largest,
+        )
     labels = examples.fields["label"]
     return DataShape(
         image_shape=tuple(examples.fields["image"].shape[1:]), num_classes=int(labels.max()) + 1
     )
+
+
+def _max_token(tokens: np.ndarray, pad_id: int) -> int:
+    real = tokens[tokens != pad_id]
+    return int(real.max()) if real.size else -1
+
+
+def corpus_pad_id(ctx: StageContext) -> int:
+    """The corpus's padding id: ``pad_id`` in its manifest when prepare recorded one (tokenized
+    corpora), else grasp's byte corpus pad 256."""
+    manifest = require(ctx.layout, "corpus", ctx.config, force=ctx.force)
+    return int(manifest.extra.get("pad_id", PAD_ID))
+
+
+def stage_data_shape(
+    ctx: StageContext, corpus: Examples, tasks: dict[str, Examples] | None = None
+) -> DataShape:
+    """``data_shape_of`` the corpus and tasks with the corpus's own pad id."""
+    pad_id = corpus_pad_id(ctx) if "tokens" in corpus.fields else PAD_ID
+    return data_shape_of(corpus, pad_id, tasks)
+
+
+def reference_steps(config: GraspConfig) -> int:
+    """``reference.steps`` with -1 ("the kind's default") resolved: 0 for kind = 'hf', else 300."""
+    steps = config.reference.steps
+    if steps == AUTO_STEPS:
+        return 0 if config.model.kind == "hf" else DEFAULT_REFERENCE_STEPS
+    return steps
 
 
 def new_bundle(ctx: StageContext, shape: DataShape) -> ModelBundle:
@@ -109,58 +171,160 @@ def _ensure_reference_locked(
 ) -> dict[str, torch.Tensor]:
     folder = ctx.layout.reference
     checkpoint = ctx.config.reference.checkpoint
+    steps = reference_steps(ctx.config)
     existing = read_manifest_or_none(folder, force=ctx.force)
     sweep_debris(folder.parent, [folder.name])  # under the lock: no one else writes it now
+    recorded = existing.extra.get("origin") if existing is not None else None
+    origin = model_origin(ctx, recorded if isinstance(recorded, dict) else None)
     if (
         existing is not None
         and existing.complete
         and not rebuild
         and staleness(ctx.layout, "reference", ctx.config) is None
+        and _same_origin(recorded, origin)
     ):
-        if not checkpoint or existing.extra.get("checkpoint_digest") == _digest_of(checkpoint):
+        if checkpoint:
+            if existing.extra.get("checkpoint_digest") == _digest_of(checkpoint):
+                return load_state_dict(str(folder / STATE_FILE), bundle)
+        elif existing.extra.get("source") == INITIAL and not (folder / STATE_FILE).exists():
+            return _initial_state(bundle)
+        else:
             return load_state_dict(str(folder / STATE_FILE), bundle)
     extra: dict[str, object] = {}
     seed = ctx.config.seed("reference")
     if checkpoint:
+        if Path(checkpoint).is_dir():
+            raise InputError(
+                f"{checkpoint}: a folder, not a state dict; for a Hugging Face checkpoint set "
+                "model.kind = 'hf' and model.path to it"
+            )
         state = load_state_dict(checkpoint, bundle)
         extra = {"source": f"checkpoint {checkpoint}", "checkpoint_digest": _digest_of(checkpoint)}
+    elif steps == 0:
+        state = _initial_state(bundle)
+        extra = {"source": INITIAL, "steps": 0}
     else:
         from grasp_cli.train import TrainRecipe, train
 
         rng = np.random.default_rng(seed)
         size = max(1, int(round(ctx.config.reference.slice_fraction * len(corpus))))
         rows = np.sort(rng.choice(len(corpus), size=size, replace=False))
+        recipe = dataclasses.replace(TrainRecipe.from_section(ctx.config.reference), steps=steps)
         result = train(
             bundle,
             corpus.to_torch(),
             rows,
-            TrainRecipe.from_section(ctx.config.reference),
+            recipe,
             seed,
-            init_state=None,
+            init_state=None,  # the bundle's own initial weights (the checkpoint for kind = 'hf')
             progress=ctx.progress,
             device=ctx.device,
         )
         state = {k: v.detach().cpu() for k, v in result.state_dict.items()}
         extra = {
             "source": "trained",
+            "steps": steps,
             "slice_rows": size,
             "final_loss": result.final_loss,
             "wall_s": result.wall_s,
         }
+    if origin is not None:
+        extra["origin"] = origin
+    # A checkpoint used as it is stays where it is (no copy of possibly many GB of weights).
+    as_is = origin is not None and extra["source"] == INITIAL
     with atomic_dir(folder) as tmp:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        (tmp / STATE_FILE).write_bytes(buffer.getvalue())
+        if not as_is:
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            (tmp / STATE_FILE).write_bytes(buffer.getvalue())
         manifest = build_manifest(
             ctx.layout,
             "reference",
             ctx.config,
             seeds={"reference": seed},
-            content=folder_digest(tmp),
+            content=origin_digest(origin) if as_is else folder_digest(tmp),
             extra=extra,
         )
         write_manifest(tmp, manifest)
     return state
+
+
+def _initial_state(bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    """The bundle's current weights (no copy): θ0 when it is the initial weights as they are."""
+    return {key: value.detach() for key, value in bundle.module.state_dict().items()}
+
+
+def model_origin(
+    ctx: StageContext, recorded: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Where kind = 'hf' weights come from: folder, file stats, weight and config digests.
+
+    Digests are reused from ``recorded`` (the previous manifest's origin) when the folder and
+    every file's size and mtime are unchanged, else recomputed (sha256 over the bytes). None
+    for the other kinds.
+    """
+    if ctx.config.model.kind != "hf":
+        return None
+    from grasp_cli.models.hf import checkpoint_files
+
+    folder = Path(ctx.config.model.path)
+    config_file, weights = checkpoint_files(folder)
+    stats = {}
+    for path in [config_file, *weights]:
+        info = path.stat()
+        stats[path.name] = [info.st_size, info.st_mtime_ns]
+    resolved = os.path.realpath(folder)
+    if recorded and recorded.get("resolved") == resolved and recorded.get("files") == stats:
+        weights_digest, config_digest = recorded["weights_digest"], recorded["config_digest"]
+    else:
+        weights_digest, config_digest = file_digest(weights), file_digest([config_file])
+    return {
+        "kind": "hf",
+        "path": str(folder),
+        "resolved": resolved,
+        "files": stats,
+        "weights_digest": weights_digest,
+        "config_digest": config_digest,
+    }
+
+
+def origin_digest(origin: dict[str, Any]) -> str:
+    """One digest of a checkpoint's weights and config (the content of an as-is θ0)."""
+    return f"{origin['weights_digest']}+{origin['config_digest']}"
+
+
+def _same_origin(recorded: Any, current: dict[str, Any] | None) -> bool:
+    if current is None:
+        return True
+    return isinstance(recorded, dict) and all(
+        recorded.get(key) == current[key] for key in ("weights_digest", "config_digest")
+    )
+
+
+def reference_damage(folder: Path, manifest: Manifest) -> str | None:
+    """Why a complete reference's bytes differ from what was written (None when intact).
+
+    An as-is Hugging Face θ0 is checked by re-reading the checkpoint folder it names (every
+    byte, no stat shortcut); a saved ``model.pt`` by the folder's own digest.
+    """
+    origin = manifest.extra.get("origin")
+    if manifest.extra.get("source") == INITIAL and isinstance(origin, dict):
+        from grasp_cli.models.hf import checkpoint_files
+
+        config_file, weights = checkpoint_files(Path(origin["path"]))
+        current = {
+            "weights_digest": file_digest(weights),
+            "config_digest": file_digest([config_file]),
+        }
+        if origin_digest(current) != manifest.content:
+            return (
+                f"the checkpoint {origin['path']} changed since θ0 was recorded; rerun "
+                "`grasp sketch --force`"
+            )
+        return None
+    if manifest.content and folder_digest(folder) != manifest.content:
+        return f"its files changed since they were written; rerun `grasp {manifest.stage} --force`"
+    return None
 
 
 def _digest_of(path: str) -> str:

@@ -90,8 +90,15 @@ def _configure_prepare(config: GraspConfig, flags: dict[str, Any]) -> None:
 
 
 def _configure_sketch(config: GraspConfig, flags: dict[str, Any]) -> None:
-    if flags.get("checkpoint") is not None:
-        config.reference.checkpoint = str(flags["checkpoint"])
+    checkpoint = flags.get("checkpoint")
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        raise UsageError(
+            f"--checkpoint {checkpoint}: a folder; a Hugging Face save_pretrained folder is the "
+            f"model itself: set model.kind = 'hf' and model.path = '{checkpoint}' in the config "
+            "(every stage needs it)"
+        )
+    if checkpoint is not None:
+        config.reference.checkpoint = str(checkpoint)
 
 
 def _configure_score(config: GraspConfig, flags: dict[str, Any]) -> None:

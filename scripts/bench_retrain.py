@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from grasp_cli.config import ModelSection
-from grasp_cli.models import DataShape, build_model
+from grasp_cli.models import DataShape, build_model, call_module
 from grasp_cli.train import (
     TrainRecipe,
     batch_rows,
@@ -41,7 +41,7 @@ def bare_loop(bundle, data, indices, recipe, seed) -> float:
     for step in range(recipe.steps):
         index = torch.from_numpy(rows[step])
         batch = {key: value[index] for key, value in data.items()}
-        loss = bundle.per_example_loss(model(*bundle.inputs(batch)), batch).mean()
+        loss = bundle.per_example_loss(call_module(model, bundle.inputs(batch)), batch).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -106,3 +106,12 @@ def text_corpus(tmp_path: Path) -> Path:
         lines.append({"id": f"n{index}", "domain": "numbers", "text": numbers})
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """``{"gpt2": DIR, "llama": DIR}``: tiny save_pretrained folders (see tests/hf_checkpoints.py)."""
+    from tests.hf_checkpoints import ARCHITECTURES, save
+
+    root = tmp_path_factory.mktemp("hf")
+    return {arch: save(arch, root / arch) for arch in ARCHITECTURES}

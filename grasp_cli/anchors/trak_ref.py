@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from grasp_cli.anchors import missing, quiet_stderr
-from grasp_cli.models import ModelBundle
+from grasp_cli.models import ModelBundle, call_functional
 
 Batch = dict[str, torch.Tensor]
 
@@ -54,12 +54,12 @@ def bundle_model_output(bundle: ModelBundle, keys: Sequence[str]) -> Any:
         @staticmethod
         def get_output(model, weights, buffers, *example):
             single = {key: value.unsqueeze(0) for key, value in zip(keys, example, strict=True)}
-            outputs = torch.func.functional_call(model, (weights, buffers), bundle.inputs(single))
+            outputs = call_functional(model, (weights, buffers), bundle.inputs(single))
             return bundle.model_output(outputs, single)[0].sum()
 
         def get_out_to_loss_grad(self, model, weights, buffers, batch):
             data = dict(zip(keys, batch, strict=True))
-            outputs = torch.func.functional_call(model, (weights, buffers), bundle.inputs(data))
+            outputs = call_functional(model, (weights, buffers), bundle.inputs(data))
             return bundle.model_output(outputs, data)[1].detach().clone().unsqueeze(-1)
 
     return GraspModelOutput()

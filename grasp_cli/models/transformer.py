@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 PAD_ID = 256
 VOCAB_SIZE = 257
+IGNORED = -100  # target id cross_entropy skips (pad targets are mapped to it)
 
 
 @dataclass(frozen=True)
@@ -99,14 +100,25 @@ def lm_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
 
 def lm_per_example_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy (nats/byte) of each sequence, ``[B]``; padding ignored."""
-    targets = batch["tokens"][..., 1:]
+    return next_token_loss(logits, batch["tokens"], PAD_ID)
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats/token) of each sequence, ``[B]``.
+
+    ``logits [B, L, V]`` predict ``tokens [B, L+1]`` shifted by one; targets equal to
+    ``pad_id`` count neither in the sum nor in the mean (a row of padding only has loss 0).
+    Computed in float32 whatever the logits' dtype.
+    """
+    targets = tokens[..., 1:]
+    counted = targets != pad_id
     token_loss = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
-        targets.reshape(-1),
-        ignore_index=PAD_ID,
+        targets.masked_fill(~counted, IGNORED).reshape(-1),  # pad may lie outside the vocabulary
+        ignore_index=IGNORED,
         reduction="none",
     ).view(targets.shape)
-    counted = (targets != PAD_ID).to(token_loss.dtype)
+    counted = counted.to(token_loss.dtype)
     return (token_loss * counted).sum(-1) / counted.sum(-1).clamp_min(1.0)
 
 

@@ -25,7 +25,7 @@ from grasp_cli.artifacts.subsets import Subsets, read_subsets, write_subsets
 from grasp_cli.artifacts.tables import read_table, write_table
 from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError
-from grasp_cli.reference import data_shape_of, ensure_reference, new_bundle
+from grasp_cli.reference import ensure_reference, new_bundle, stage_data_shape
 from grasp_cli.runner import run_units
 
 
@@ -160,9 +160,9 @@ def train_jobs(
     def setup() -> dict:
         from grasp_cli.train import TrainRecipe
 
-        bundle = new_bundle(ctx, data_shape_of(corpus))
-        init = ensure_reference(ctx, corpus, bundle) if config.retrain.init == "reference" else None
         tasks = read_tasks(layout.tasks)
+        bundle = new_bundle(ctx, stage_data_shape(ctx, corpus, tasks))
+        init = ensure_reference(ctx, corpus, bundle) if config.retrain.init == "reference" else None
         return {
             "bundle": bundle,
             "init": init,

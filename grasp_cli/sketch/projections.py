@@ -251,16 +251,35 @@ class KroneckerProjector:
         per-example gradient ``Σ_τ δ_τ x̃_τᵀ`` is never formed; ``P_out (Σ_τ δ_τ x̃_τᵀ) P_inᵀ =
         Σ_τ (P_out δ_τ)(P_in x̃_τ)ᵀ`` costs ``O(T (d_in + d_out + kd) kd)`` per example.
         """
-        batch, d_in, d_out = inputs.shape[0], inputs.shape[-1], deltas.shape[-1]
-        p_out, p_in = self.factors(layer, d_out, d_in + int(bias))
-        x = inputs.reshape(batch, -1, d_in).float()
-        delta = deltas.reshape(batch, -1, d_out).float()
-        x_proj = x @ p_in[:, :d_in].T  # [B, T, kd]
-        if bias:
-            x_proj = x_proj + p_in[:, d_in]
-        delta_proj = delta @ p_out.T  # [B, T, kd]
+        d_in, d_out = inputs.shape[-1], deltas.shape[-1]
+        x_proj = self.project_inputs(layer, inputs, d_out, bias)
+        delta_proj = self.project_deltas(layer, deltas, d_in + int(bias))
+        return self.combine(layer, x_proj, delta_proj)
+
+    def project_inputs(
+        self, layer: str, inputs: torch.Tensor, d_out: int, bias: bool
+    ) -> torch.Tensor:
+        """``P_in x̃_τ`` for every position: ``inputs [B, ..., d_in]`` -> float32 ``[B, T, kd]``.
+
+        The first half of ``project_io``, done as soon as a layer's input is seen so that only
+        ``kd`` numbers per position are kept until its output gradient arrives.
+        """
+        batch, d_in = inputs.shape[0], inputs.shape[-1]
+        _, p_in = self.factors(layer, d_out, d_in + int(bias))
+        x_proj = inputs.reshape(batch, -1, d_in).float() @ p_in[:, :d_in].T
+        return x_proj + p_in[:, d_in] if bias else x_proj
+
+    def project_deltas(self, layer: str, deltas: torch.Tensor, d_in: int) -> torch.Tensor:
+        """``P_out δ_τ`` for every position: ``deltas [B, ..., d_out]`` -> float32 ``[B, T, kd]``;
+        ``d_in`` counts the bias column if any (it names the factor pair)."""
+        batch, d_out = deltas.shape[0], deltas.shape[-1]
+        p_out, _ = self.factors(layer, d_out, d_in)
+        return deltas.reshape(batch, -1, d_out).float() @ p_out.T
+
+    def combine(self, layer: str, x_proj: torch.Tensor, delta_proj: torch.Tensor) -> torch.Tensor:
+        """``Q_layer vec(Σ_τ (P_out δ_τ)(P_in x̃_τ)ᵀ)`` per example: ``[B, T, kd]`` twice -> ``[B, k]``."""
         layer_sketch = torch.bmm(delta_proj.transpose(1, 2), x_proj)  # [B, kd, kd]
-        return layer_sketch.reshape(batch, -1) @ self.final_map(layer).T
+        return layer_sketch.reshape(x_proj.shape[0], -1) @ self.final_map(layer).T
 
     def project_gradient(self, layer: str, gradient: torch.Tensor) -> torch.Tensor:
         """``gradient [d_out, d_in(+1)]`` (bias as last column) -> ``[k]``, the same map as ``project_io``."""

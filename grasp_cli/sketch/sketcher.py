@@ -5,11 +5,12 @@ regenerated from them (see ``projections``). Row ``i`` of a sketch depends on ex
 ``i`` alone, never on the rest of its batch, so sketching a corpus in shards gives the
 same numbers as sketching it in one go.
 
-Kronecker kind: the ``nn.Linear`` layers among the selected parameters (with empty
-``sketch.params``: every ``nn.Linear`` layer, weight and bias, and nothing else) are
-sketched from their captured inputs and output gradients; any other selected parameter
-(an embedding, a LayerNorm, a convolution) falls back to the dense Gaussian projection of
-its per-example gradient, which needs a per-example (``vmap``) backward pass and costs
+Kronecker kind: the linear maps (``nn.Linear`` and transformers' ``Conv1D``) chosen by
+``sketch.modules`` / ``sketch.exclude_modules`` / ``sketch.params`` (by default every linear
+map, weight and bias, and nothing else) are sketched from their captured inputs and output
+gradients; any other selected parameter (an embedding, a LayerNorm, a convolution) falls
+back to the dense Gaussian projection of its per-example gradient, which needs a
+per-example backward pass (``vmap``, or a loop for Hugging Face models) and costs
 accordingly. The two parts are added: both are unbiased JL maps of disjoint coordinates.
 """
 
@@ -27,10 +28,10 @@ from grasp_cli.models import ModelBundle
 from grasp_cli.sketch.gradients import (
     Batch,
     LinearSite,
-    linear_signals,
-    linear_sites,
+    kronecker_sketch,
+    parameter_aliases,
     per_example_gradients,
-    select_parameters,
+    sketch_targets,
     summed_gradient,
 )
 from grasp_cli.sketch.projections import (
@@ -52,7 +53,8 @@ class SketchSettings:
     projection: 'gaussian' | 'rademacher' | 'sjlt' | 'kronecker'; k: sketch dimension;
     kron_dim: Kronecker per-side factor dimension; sjlt_nnz: SJLT non-zeros per coordinate;
     params: parameter-name globs (empty: all parameters for dense kinds, all linear layers
-    for kronecker).
+    for kronecker); modules / exclude_modules: module-name globs choosing (or removing)
+    whole modules and everything under them.
     """
 
     projection: str = "kronecker"
@@ -60,6 +62,8 @@ class SketchSettings:
     kron_dim: int = 16
     sjlt_nnz: int = 4
     params: tuple[str, ...] = field(default_factory=tuple)
+    modules: tuple[str, ...] = field(default_factory=tuple)
+    exclude_modules: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
     def of(cls, source: Any) -> SketchSettings:
@@ -70,6 +74,8 @@ class SketchSettings:
             kron_dim=int(source.kron_dim),
             sjlt_nnz=int(source.sjlt_nnz),
             params=tuple(source.params),
+            modules=tuple(getattr(source, "modules", ())),
+            exclude_modules=tuple(getattr(source, "exclude_modules", ())),
         )
 
 
@@ -105,40 +111,44 @@ class Sketcher:
         bundle.module.to(self.device).eval()
         module = bundle.module
 
-        self.sites: list[LinearSite] = []
-        if self.kind == "kronecker":
-            if section.kron_dim <= 0:
-                raise ConfigError("sketch.kron_dim must be positive")
-            if section.params:
-                self.param_names = select_parameters(module, section.params)
-                self.sites = linear_sites(module, self.param_names)
-            else:
-                self.sites = linear_sites(module, select_parameters(module, []))
-                if not self.sites:
-                    raise ConfigError(
-                        "sketch.projection = 'kronecker' found no nn.Linear layer in the model: "
-                        "set sketch.params or use projection = 'gaussian'"
-                    )
-                self.param_names = [
-                    n for s in self.sites for n in (s.weight, s.bias) if n is not None
-                ]
-            in_sites = {n for s in self.sites for n in (s.weight, s.bias) if n is not None}
-            self.dense_names = [n for n in self.param_names if n not in in_sites]
+        kronecker = self.kind == "kronecker"
+        if kronecker and section.kron_dim <= 0:
+            raise ConfigError("sketch.kron_dim must be positive")
+        self.sites: list[LinearSite]
+        self.sites, self.dense_names = sketch_targets(
+            module,
+            list(section.params),
+            list(section.modules),
+            list(section.exclude_modules),
+            kronecker,
+        )
+        if kronecker and not self.sites and not section.params and not section.modules:
+            raise ConfigError(
+                "sketch.projection = 'kronecker' found no linear map (nn.Linear, Conv1D) in the "
+                "model: set sketch.params or use projection = 'gaussian'"
+            )
+        chosen = {n for s in self.sites for n in (s.weight, s.bias) if n is not None}
+        chosen.update(self.dense_names)
+        self.param_names = [n for n in parameter_aliases(module) if n in chosen]
+        if kronecker:
             self.kronecker = KroneckerProjector(section.kron_dim, section.k, seed, self.device)
             self.projector: DenseProjector | SparseProjector = DenseProjector(
                 "gaussian", section.k, seed, self.device
             )
+        elif self.kind == "sjlt":
+            if section.sjlt_nnz <= 0:
+                raise ConfigError("sketch.sjlt_nnz must be positive")
+            self.projector = SparseProjector(section.k, section.sjlt_nnz, seed, self.device)
         else:
-            self.param_names = select_parameters(module, list(section.params))
-            self.dense_names = list(self.param_names)
-            if self.kind == "sjlt":
-                if section.sjlt_nnz <= 0:
-                    raise ConfigError("sketch.sjlt_nnz must be positive")
-                self.projector = SparseProjector(section.k, section.sjlt_nnz, seed, self.device)
-            else:
-                self.projector = DenseProjector(self.kind, section.k, seed, self.device)
+            self.projector = DenseProjector(self.kind, section.k, seed, self.device)
         if not self.param_names:
             raise ConfigError("sketch.params selects no parameters")
+
+    def num_params(self) -> int:
+        """Parameters the sketch covers (a tied tensor counts once)."""
+        params = dict(self.bundle.module.named_parameters(remove_duplicate=False))
+        unique = {id(params[n]): params[n].numel() for n in self.param_names}
+        return int(sum(unique.values()))
 
     @property
     def k(self) -> int:
@@ -153,33 +163,35 @@ class Sketcher:
 
     def sketch_batch(self, batch: Batch) -> np.ndarray:
         """``φ_i = P ∇θ ℓ(z_i; θ0)`` for every example of ``batch``: float32 ``[B, k]``."""
+        return self._sketch(batch).cpu().numpy().astype(np.float32, copy=False)
+
+    def _sketch(self, batch: Batch) -> torch.Tensor:
         self.bundle.module.eval()
         batch = self._to_device(batch)
         size = next(iter(batch.values())).shape[0]
         phi = torch.zeros(size, self.k, device=self.device)
         if self.sites:
-            signals = linear_signals(self.bundle, self.sites, batch)
-            for site in self.sites:
-                for inputs, deltas in signals[site.module]:
-                    phi += self.kronecker.project_io(
-                        site.module, inputs, deltas, site.bias is not None
-                    )
-            del signals
+            phi += kronecker_sketch(self.bundle, self.sites, batch, self.kronecker)
         if self.dense_names:
             grads = per_example_gradients(self.bundle, self.dense_names, batch)
             for name in self.dense_names:
                 phi += self.projector.project(name, self._flat(grads[name]))
-        return phi.cpu().numpy().astype(np.float32, copy=False)
+        return phi
 
     def project_gradient(self, gradient: dict[str, torch.Tensor]) -> np.ndarray:
         """``P g`` for one full gradient ``{name: tensor shaped like the parameter}``: float32 ``[k]``.
 
-        The same ``P`` as ``sketch_batch``: a Kronecker layer's weight gradient ``G`` (with
-        its bias gradient as a last column) is mapped to ``Q_layer vec(P_out G P_inᵀ)``.
+        The same ``P`` as ``sketch_batch``: a Kronecker layer's weight gradient ``G`` (stored
+        ``[d_out, d_in]``; a ``Conv1D``'s ``[d_in, d_out]`` is transposed first), with its bias
+        gradient as a last column, is mapped to ``Q_layer vec(P_out G P_inᵀ)``. ``gradient``
+        holds, for each site, the gradient through that map alone (what matters for tied
+        weights) under the site's weight name.
         """
         out = torch.zeros(self.k, device=self.device)
         for site in self.sites:
             matrix = gradient[site.weight].to(self.device).float()
+            if site.transposed:
+                matrix = matrix.T
             if site.bias is not None:
                 matrix = torch.cat(
                     [matrix, gradient[site.bias].to(self.device).float()[:, None]], dim=1
@@ -192,21 +204,33 @@ class Sketcher:
     def task_residual(self, batches: Iterable[Batch]) -> np.ndarray:
         """``r_t = −P ∇θ L_t(θ0)``: float32 ``[k]``, ``L_t`` the mean per-example loss over all batches.
 
-        Gradients are summed over batches and divided by the total number of examples,
-        so batches of any sizes give the mean over examples.
+        ``P`` is linear, so ``P ∇L_t`` is the mean of the examples' sketches: the Kronecker
+        part is summed from the same captured signals as ``sketch_batch`` (each linear map's
+        own share of the gradient, also for tied weights), the dense part projects the
+        ordinary summed gradient once per batch. Batches of any sizes give the mean over
+        examples.
         """
         self.bundle.module.eval()
-        total: dict[str, torch.Tensor] = {}
+        total = torch.zeros(self.k, device=self.device, dtype=torch.float64)
+        dense: dict[str, torch.Tensor] = {}
         count = 0
         for batch in batches:
-            summed, size = summed_gradient(self.bundle, self.param_names, self._to_device(batch))
-            for name, value in summed.items():
-                total[name] = total[name] + value if name in total else value
-            count += size
+            batch = self._to_device(batch)
+            if self.sites:
+                phi = kronecker_sketch(self.bundle, self.sites, batch, self.kronecker)
+                total += phi.double().sum(0)
+            if self.dense_names:
+                summed, _ = summed_gradient(self.bundle, self.dense_names, batch)
+                for name, value in summed.items():
+                    dense[name] = dense[name] + value if name in dense else value
+            count += next(iter(batch.values())).shape[0]
         if count == 0:
             raise ValueError("task_residual needs at least one example")
-        mean = {name: value / count for name, value in total.items()}
-        return -self.project_gradient(mean)
+        mean = (total / count).float()
+        for name, value in dense.items():
+            flat = (value / count).to(self.device).reshape(1, -1)
+            mean += self.projector.project(name, flat)[0]
+        return (-mean).cpu().numpy().astype(np.float32, copy=False)
 
     def describe(self) -> dict[str, Any]:
         """What defines ``P`` (for the artifact's attributes; equal descriptions mean equal sketches)."""
@@ -218,15 +242,12 @@ class Sketcher:
             "params": list(self.param_names),
             "kron_dim": self.kron_dim if self.kind == "kronecker" else None,
             "kron_layers": [site.module for site in self.sites],
+            "kron_transposed": [site.module for site in self.sites if site.transposed],
             "dense_params": list(self.dense_names),
             "sjlt_nnz": self.projector.nnz if isinstance(self.projector, SparseProjector) else None,
             "block_cols": BLOCK_COLS,
             "generator": GENERATOR,
             "scale": "entries of P have variance 1/k; a k' prefix is a JL sketch whose inner "
             "products are k'/k times the full ones (the surrogate fits scale-free, so no rescale)",
-            "num_params": int(
-                sum(
-                    dict(self.bundle.module.named_parameters())[n].numel() for n in self.param_names
-                )
-            ),
+            "num_params": self.num_params(),
         }

@@ -27,7 +27,8 @@ from grasp_cli.artifacts.examples import (
 from grasp_cli.artifacts.manifest import require
 from grasp_cli.artifacts.zarr_io import chunk_digests, row_chunk_digests
 from grasp_cli.context import StageContext
-from grasp_cli.reference import data_shape_of, ensure_reference, new_bundle
+from grasp_cli.errors import ConfigError
+from grasp_cli.reference import ensure_reference, new_bundle, stage_data_shape
 from grasp_cli.runner import run_units
 
 
@@ -60,9 +61,19 @@ def chunk_trak(featurizer, corpus: Path, start: int, stop: int, batch_size: int)
     return psi_all, np.concatenate(q)
 
 
-def trak_ref_enabled(section) -> bool:
-    """Whether the traker package runs beside (``sketch.trak_ref``); 'on' without it is an error."""
+def trak_ref_enabled(section, bundle) -> bool:
+    """Whether the traker package runs beside (``sketch.trak_ref``); 'on' without it is an error.
+
+    traker takes per-example gradients with ``torch.func``; a model that only supports looped
+    per-example gradients (Hugging Face models) gets no trak-ref ('on' is then an error)."""
     if section.trak_k <= 0 or section.trak_ref == "off":
+        return False
+    if bundle.per_example != "vmap":
+        if section.trak_ref == "on":
+            raise ConfigError(
+                "sketch.trak_ref = 'on': traker needs torch.func per-example gradients, which "
+                "this model does not support; set sketch.trak_ref = 'auto' or 'off'"
+            )
         return False
     try:
         import trak  # noqa: F401
@@ -88,7 +99,8 @@ def run_sketch(ctx: StageContext) -> str:
     require(layout, "corpus", config, force=ctx.force)
     require(layout, "tasks", config, force=ctx.force)
     corpus = read_examples(layout.corpus)
-    bundle = new_bundle(ctx, data_shape_of(corpus))
+    tasks = read_tasks(layout.tasks)
+    bundle = new_bundle(ctx, stage_data_shape(ctx, corpus, tasks))
     state = ensure_reference(ctx, corpus, bundle, rebuild=ctx.force)
     bundle.module.load_state_dict(state)
     bundle.module.to(ctx.device)
@@ -106,8 +118,7 @@ def run_sketch(ctx: StageContext) -> str:
         featurizer = TrakFeaturizer(
             bundle, trak_k, config.seed("trak"), config.sketch.trak_params, device=ctx.device
         )
-    with_ref = trak_ref_enabled(config.sketch)
-    tasks = read_tasks(layout.tasks)
+    with_ref = trak_ref_enabled(config.sketch, bundle)
     n_rows, k = len(corpus), sketcher.k
     del corpus  # rows are streamed from the shards below; memory stays bounded
     chunk = config.sketch.chunk_rows

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from grasp_cli.errors import ConfigError
-from grasp_cli.models import ModelBundle
+from grasp_cli.models import ModelBundle, call_module
 from grasp_cli.sketch.gradients import (
     Batch,
     frozen_parameters,
@@ -85,7 +85,7 @@ class TrakFeaturizer:
         grads = per_example_gradients(self.bundle, self.names, batch, scalar=self._output)
         psi = self._project(grads)
         with torch.no_grad():
-            outputs = self.bundle.module(*self.bundle.inputs(batch))
+            outputs = call_module(self.bundle.module, self.bundle.inputs(batch))
             q = self.bundle.model_output(outputs, batch)[1]
         return (
             psi.cpu().numpy().astype(np.float32, copy=False),
@@ -105,7 +105,7 @@ class TrakFeaturizer:
             with frozen_parameters(module), torch.enable_grad():
                 for p in chosen:
                     p.requires_grad_(True)
-                outputs = module(*self.bundle.inputs(batch))
+                outputs = call_module(module, self.bundle.inputs(batch))
                 value = self._output(outputs, batch).sum()
                 grads = torch.autograd.grad(value, chosen, allow_unused=True)
             for acc, g in zip(total, grads, strict=True):

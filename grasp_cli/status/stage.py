@@ -52,6 +52,10 @@ def damage(ctx: StageContext, name: str, manifest: Manifest) -> str | None:
             for number in finished_rounds(folder):
                 part_folder = round_folder(folder, number)
                 verify_files(part_folder, read(part_folder), "part-*.parquet", "rerun the round")
+        elif name == "reference":
+            from grasp_cli.reference import reference_damage
+
+            return reference_damage(folder, manifest)
         elif manifest.content and folder_digest(folder) != manifest.content:
             return (
                 f"its files changed since they were written; rerun `grasp {manifest.stage} --force`"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from grasp_cli.models import ModelBundle
+from grasp_cli.models import ModelBundle, call_module
 from grasp_cli.train.trainer import StateDict, initial_module, num_examples, resolve_device
 
 Data = dict[str, torch.Tensor]
@@ -39,7 +39,7 @@ def evaluate_tasks(
             correct = torch.zeros((), dtype=torch.float64, device=device)
             for start in range(0, n, batch_size):
                 batch = {k: v[start : start + batch_size].to(device) for k, v in data.items()}
-                outputs = model(*bundle.inputs(batch))
+                outputs = call_module(model, bundle.inputs(batch))
                 loss_sum += bundle.per_example_loss(outputs, batch).double().sum()
                 if bundle.per_example_accuracy is not None:
                     correct += bundle.per_example_accuracy(outputs, batch).double().sum()

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
-from grasp_cli.models import ModelBundle
+from grasp_cli.models import ModelBundle, call_functional
 from grasp_cli.train.trainer import (
     Data,
     StateDict,
@@ -107,7 +107,7 @@ def _train_group(
         decay = {n: recipe.weight_decay if decays(n, p) else 0.0 for n, p in named.items()}
 
         def mean_loss(model_params: dict[str, torch.Tensor], batch: Data) -> torch.Tensor:
-            outputs = functional_call(base, model_params, bundle.inputs(batch))
+            outputs = call_functional(base, model_params, bundle.inputs(batch))
             return bundle.per_example_loss(outputs, batch).mean()
 
         batched_loss = vmap(mean_loss, randomness="different")
@@ -189,7 +189,7 @@ def evaluate_many(
     def forward(
         model_params: dict[str, torch.Tensor], batch: Data
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = functional_call(base, model_params, bundle.inputs(batch))
+        outputs = call_functional(base, model_params, bundle.inputs(batch))
         loss = bundle.per_example_loss(outputs, batch)
         if bundle.per_example_accuracy is None:
             return loss, torch.zeros_like(loss)

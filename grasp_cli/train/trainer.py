@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from grasp_cli.models import ModelBundle
+from grasp_cli.config import AUTO_STEPS, DEFAULT_REFERENCE_STEPS
+from grasp_cli.models import ModelBundle, call_module
 
 Data = dict[str, torch.Tensor]
 StateDict = dict[str, torch.Tensor]
@@ -53,9 +54,14 @@ class TrainRecipe:
 
     @classmethod
     def from_section(cls, section: Any) -> TrainRecipe:
-        """From a ``ReferenceSection`` or ``RetrainSection`` (anything with the same five fields)."""
+        """From a ``ReferenceSection`` or ``RetrainSection`` (anything with the same five fields).
+
+        ``steps = -1`` (a reference section's "the model kind's default", unresolved) is the
+        default number of training steps: a recipe is only asked for when θ0 is trained.
+        """
+        steps = int(section.steps)
         return cls(
-            steps=int(section.steps),
+            steps=DEFAULT_REFERENCE_STEPS if steps == AUTO_STEPS else steps,
             batch_size=int(section.batch_size),
             lr=float(section.lr),
             weight_decay=float(section.weight_decay),
@@ -203,7 +209,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = gather(data, rows[step], device)
-            loss = bundle.per_example_loss(model(*bundle.inputs(batch)), batch).mean()
+            loss = bundle.per_example_loss(call_module(model, bundle.inputs(batch)), batch).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.grad_clip > 0:
