@@ -644,7 +644,7 @@ def validate(config: GraspConfig) -> None:
         raise ConfigError(
             f"surrogate.k_grid {config.surrogate.k_grid} asks for more dims than sketch.k = {config.sketch.k}"
         )
-    if any(k <= 0 for k in config.surrogate.k_grid) or not config.surrogate.k_grid:
+    if any(k <= 0 for k in config.surrogate.k_grid):
         raise ConfigError(f"surrogate.k_grid {config.surrogate.k_grid} must list positive dims")
     for name, weight in config.select.task_weights.items():
         if not math.isfinite(weight) or weight < 0:

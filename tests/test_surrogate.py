@@ -714,3 +714,35 @@ def test_paired_difference_interval_is_tight_for_a_clear_winner_and_zero_for_a_t
     point = np.mean(spearman(good, measured)) - np.mean(spearman(bad, measured))
     assert diff == pytest.approx(point) and 0 < low < diff < high
     assert bootstrap_paired_difference(good, good, measured, n_boot=200, seed=2) == (0.0, 0.0, 0.0)
+
+
+def test_student_t_quantiles_match_tables():
+    from grasp_cli.surrogate.lcb import student_t_quantile
+
+    for p, df, table in [(0.975, 9, 2.262), (0.975, 2, 4.303), (0.95, 1, 6.314), (0.99, 30, 2.457)]:
+        assert student_t_quantile(p, df) == pytest.approx(table, abs=5e-4)
+
+
+@pytest.mark.parametrize("ratio, quadratic", [(0.0, False), (1.0, True)])
+def test_the_quadratic_term_must_beat_its_nested_twin(ratio, quadratic):
+    """In an additive world the family falls back to the nested b = 0 model; where the
+    interactions are real the quadratic candidate wins against its own twin."""
+    w = make_world(3, ratio=ratio, subsets=130)
+    ff, uf, fe, ue = split_by_role(w["features"], w["utilities"], w["roles"][:130])
+    settings = SurrogateSection(
+        k_grid=[16],
+        alignment_grid=["plain"],
+        quadratic_grid=[True, False],
+        geometry_grid=["identity"],
+        ridge_grid=[float("inf")],
+        cost_curve=[],
+        bootstrap=50,
+    )
+    result = run_protocol(
+        ff, uf, fe, ue, residuals=w["residuals"], moments=w["moments"], settings=settings,
+        seed=0, task_names=TASKS, baselines=False,
+    )  # fmt: skip
+    chosen = result.fits["grasp"].chosen
+    assert chosen["quadratic"] is quadratic
+    rows = [r for r in result.lcb_rows if r["method"] == "grasp" and r["quadratic"]]
+    assert all((r["twin_gain"] > 0) == r["eligible"] for r in rows)

@@ -8,7 +8,22 @@ mean, Hoeffding's inequality with a union bound over ``H`` gives
     LCB_h = mean_h − range · sqrt(log(|H| / δ) / (2 n_h)),     range = 2
 
 (Spearman lies in [−1, 1]). The highest LCB wins; ties go to the simpler
-candidate, as ranked by the caller's ``complexity`` key.
+candidate, as ranked by the caller's ``complexity`` key. Within one method every candidate
+has the same ``n``, so this is the highest cross-validated mean.
+
+Nested twins. A GRASP candidate with the quadratic term has a *twin* without it (same
+features, direction, correction and aggregation, ``b = 0``): the model it extends. Fitting
+``b ≥ 0`` lowers the in-sample error whenever it can, so a family that always carries the
+term cannot fall back to the additive model even where cross-validation says the term
+hurts. ``choose_nested`` therefore makes a quadratic candidate eligible only if it beats its
+own twin on the same folds: with ``d_f`` the difference of their task-mean validation
+Spearman on fold ``f`` (``n`` folds × repeats), the one-sided paired-t lower bound
+``mean(d) − t_{1−α, n−1} · sd(d)/√n`` must be above 0, at ``α = δ / (number of quadratic
+candidates)`` (a union bound, like the LCB's). Among eligible candidates (every twin is) the
+highest LCB wins. The comparison is paired — fold-to-fold variation cancels — and it is
+against exactly the nested model, not the best of a larger additive grid (which would inherit
+a winner's curse). Repeated K-fold reuses subsets across repeats, so the t bound is
+approximate (optimistic); the union bound makes up for part of that.
 
 Nothing here sees evaluation subsets: functions take the fit arrays only.
 """
@@ -29,6 +44,9 @@ __all__ = [
     "CandidateScore",
     "Estimator",
     "choose_candidate",
+    "choose_nested",
+    "student_t_quantile",
+    "twin_of",
     "cross_validate",
     "effective_folds",
     "hoeffding_lcb",
@@ -48,17 +66,31 @@ class Estimator(Protocol):
 
 @dataclass
 class CandidateScore:
-    """One candidate's cross-validated Spearman values (per fold × task) and its bound."""
+    """One candidate's cross-validated Spearman values and its bound.
+
+    fold_values: ``[folds, T]`` validation Spearman per fold (rows of failed folds are NaN);
+    ``values``: the finite ones, flattened. ``eligible``: whether the selection rule may pick
+    it (a quadratic candidate that does not beat its nested twin is not).
+    """
 
     candidate: dict[str, Any]
     values: np.ndarray
     mean: float
     lcb: float
     failures: int = 0
+    fold_values: np.ndarray | None = None
+    eligible: bool = True
+    twin_gain: float | None = None  # paired-t lower bound of the gain over the nested twin
 
     @property
     def n(self) -> int:
         return int(self.values.size)
+
+    def fold_means(self) -> np.ndarray:
+        """Validation Spearman averaged over tasks, per fold (NaN where the fold failed)."""
+        if self.fold_values is None:
+            return np.zeros(0)
+        return self.fold_values.mean(axis=1)
 
 
 def hoeffding_lcb(
@@ -103,14 +135,15 @@ def cross_validate(
     utilities: np.ndarray,
     splits: Sequence[tuple[np.ndarray, np.ndarray]],
 ) -> tuple[np.ndarray, int]:
-    """Per-fold, per-task validation Spearman of one candidate → (values ``[n]``, failures).
+    """Per-fold, per-task validation Spearman of one candidate → (values ``[folds, T]``, failures).
 
-    A fold whose fit raises a numerical error (``ValueError``/``LinAlgError``) contributes no
-    values and counts as a failure; the bound then rests on fewer values.
+    A fold whose fit raises a numerical error (``ValueError``/``LinAlgError``) or predicts a
+    non-finite value gives a row of NaN and counts as a failure.
     """
-    values: list[np.ndarray] = []
+    n_tasks = np.atleast_2d(np.asarray(utilities)).shape[1] if np.ndim(utilities) > 1 else 1
+    values = np.full((len(splits), n_tasks), np.nan)
     failures = 0
-    for train, val in splits:
+    for f, (train, val) in enumerate(splits):
         try:
             model = build(candidate)
             model.fit(features.take(train), utilities[train])
@@ -121,8 +154,8 @@ def cross_validate(
         if not np.isfinite(predicted).all():
             failures += 1
             continue
-        values.append(np.atleast_1d(spearman(predicted, utilities[val])))
-    return (np.concatenate(values) if values else np.zeros(0)), failures
+        values[f] = np.atleast_1d(spearman(predicted, utilities[val]))
+    return values, failures
 
 
 def score_candidates(
@@ -136,11 +169,113 @@ def score_candidates(
     """Cross-validate every candidate of a finite grid and attach its Hoeffding LCB."""
     scores = []
     for candidate in grid:
-        values, failures = cross_validate(build, candidate, features, utilities, splits)
+        fold_values, failures = cross_validate(build, candidate, features, utilities, splits)
+        values = fold_values[np.isfinite(fold_values)]
         mean = float(values.mean()) if values.size else float("nan")
         lcb = hoeffding_lcb(mean, values.size, len(grid), delta) if values.size else -math.inf
-        scores.append(CandidateScore(dict(candidate), values, mean, lcb, failures))
+        scores.append(CandidateScore(dict(candidate), values, mean, lcb, failures, fold_values))
     return scores
+
+
+def twin_of(candidate: dict[str, Any]) -> dict[str, Any] | None:
+    """The nested twin of a quadratic candidate (the same without the quadratic term); None
+    for a candidate without one (not a GRASP candidate, or already additive)."""
+    if not candidate.get("quadratic"):
+        return None
+    return {**candidate, "quadratic": False, "geometry": None}
+
+
+def _key(candidate: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in candidate.items()))
+
+
+def mark_nested_eligibility(scores: Sequence[CandidateScore], delta: float) -> None:
+    """Set ``eligible`` / ``twin_gain`` of every quadratic candidate from the paired test
+    against its nested twin (see the module docstring). Candidates without a twin in the
+    grid stay eligible (the family has no additive members to fall back to)."""
+    index = {_key(s.candidate): s for s in scores}
+    quadratic = [s for s in scores if twin_of(s.candidate) is not None]
+    paired = [(s, index.get(_key(twin_of(s.candidate)))) for s in quadratic]
+    paired = [(s, t) for s, t in paired if t is not None]
+    if not paired:
+        return
+    alpha = delta / len(paired)
+    for score, twin in paired:
+        diff = score.fold_means() - twin.fold_means()
+        diff = diff[np.isfinite(diff)]
+        if len(diff) < 2:
+            score.eligible, score.twin_gain = False, None
+            continue
+        spread = float(np.std(diff, ddof=1)) / math.sqrt(len(diff))
+        bound = float(diff.mean()) - student_t_quantile(1.0 - alpha, len(diff) - 1) * spread
+        score.twin_gain = bound
+        score.eligible = bound > 0.0
+
+
+def choose_nested(
+    scores: Sequence[CandidateScore], complexity: Callable[[dict[str, Any]], tuple], delta: float
+) -> int:
+    """The highest LCB among the eligible candidates after the nested-twin test."""
+    mark_nested_eligibility(scores, delta)
+    eligible = [s if s.eligible else None for s in scores]
+    masked = [
+        CandidateScore(s.candidate, s.values, s.mean, s.lcb if s.eligible else -math.inf)
+        for s in scores
+    ]
+    if not any(e is not None and np.isfinite(e.lcb) for e in eligible):
+        return choose_candidate(scores, complexity)
+    return choose_candidate(masked, complexity)
+
+
+def student_t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on the CDF)."""
+    if not 0.5 <= p < 1.0 or df < 1:
+        raise ValueError(f"need 0.5 <= p < 1 and df >= 1, got p={p}, df={df}")
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def _t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for t >= 0: 1 − I_{df/(df+t²)}(df/2, 1/2) / 2 (regularized incomplete beta)."""
+    x = df / (df + t * t)
+    return 1.0 - 0.5 * _betainc(0.5 * df, 0.5, x)
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b) by its continued fraction (Lentz's method)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    log_front += a * math.log(x) + b * math.log1p(-x)
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast on the other side
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 500):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * result / a
 
 
 def choose_candidate(

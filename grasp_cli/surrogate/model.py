@@ -358,9 +358,14 @@ class GraspSurrogate:
             right = np.zeros((0, self.k_prime))
         else:
             self.ridge_abs_ = self.ridge * design_energy / self.k_prime
-            left, sing, right = np.linalg.svd(centered, full_matrices=False)
-            keep = sing > 1e-10 * sing.max()
-            left, sing, right = left[:, keep], sing[keep], right[keep]
+            # The thin SVD of the [n, k'] design from the eigendecomposition of its [n, n] Gram:
+            # n (fit subsets) is small and k' large, and LAPACK's SVD of a wide matrix is slow
+            # (and erratic under threaded BLAS); the Gram route is exact to rounding.
+            evals, evecs = np.linalg.eigh(centered @ centered.T)
+            keep = evals > 1e-12 * max(float(evals.max()), 1e-300)
+            sing = np.sqrt(evals[keep])
+            left = evecs[:, keep]
+            right = (centered.T @ left / sing).T
             shrink = sing**2 / (sing**2 + self.ridge_abs_)
 
         def inner(u: np.ndarray, v: np.ndarray) -> np.ndarray:

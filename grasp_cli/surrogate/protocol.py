@@ -39,7 +39,7 @@ from grasp_cli.surrogate.lcb import (
     MIN_FIT_SUBSETS,
     CandidateScore,
     Estimator,
-    choose_candidate,
+    choose_nested,
     repeated_kfold,
     score_candidates,
 )
@@ -157,6 +157,8 @@ class MethodFit:
                     "lcb": score.lcb,
                     "n": score.n,
                     "failures": score.failures,
+                    "twin_gain": score.twin_gain,
+                    "eligible": score.eligible,
                     "chosen": i == self.chosen_index,
                 }
             )
@@ -183,10 +185,10 @@ def _seed(seed: int, stream: int) -> int:
 
 
 def _valid_dims(k_grid: Sequence[int], k_max: int) -> list[int]:
-    """The sketch prefixes of ``k_grid``, sorted; ValueError when one exceeds ``k_max`` (the
-    stage checks the grid against the stored sketch first and says so in one line)."""
-    dims = sorted({int(k) for k in k_grid})
-    if not dims or dims[0] <= 0 or dims[-1] > k_max:
+    """The prefixes of ``k_grid`` and the whole ``k_max``, sorted; ValueError when one exceeds
+    ``k_max`` (the stage checks the grid against the stored sketch first, in one line)."""
+    dims = sorted({int(k) for k in k_grid} | {int(k_max)})
+    if dims[0] <= 0 or dims[-1] > k_max:
         raise ValueError(f"k_grid {list(k_grid)} must list dims in 1..{k_max}")
     return dims
 
@@ -446,11 +448,15 @@ def fit_method(
     delta: float,
     seed: int,
 ) -> MethodFit:
-    """LCB protocol for one method on fit subsets only; refit the winner on all of them."""
+    """LCB protocol for one method on fit subsets only; refit the winner on all of them.
+
+    The winner is the highest LCB among candidates that pass the nested-twin test
+    (``lcb.choose_nested``): a quadratic GRASP candidate must beat its own ``b = 0`` twin.
+    """
     values = check_utilities(utilities_fit, len(features_fit), "fit utilities")
     splits = repeated_kfold(len(features_fit), folds, repeats, seed)
     scores = score_candidates(spec.build, spec.grid, features_fit, values, splits, delta)
-    chosen = choose_candidate(scores, spec.complexity)
+    chosen = choose_nested(scores, spec.complexity, delta)
     model = spec.build(scores[chosen].candidate)
     model.fit(features_fit, values)
     return MethodFit(spec.name, scores, chosen, model, len(features_fit))

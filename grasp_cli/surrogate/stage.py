@@ -114,7 +114,7 @@ def load_fit_inputs(ctx: StageContext) -> FitInputs:
         n_examples=subsets.n,
         domains=codes,
         domain_names=domain_names,
-        normalized_dims=sorted(set(settings.k_grid)),
+        normalized_dims=sorted(set(settings.k_grid) | {sketches.k}),
         with_overlaps=subsets.n <= settings.datamodels_max_n,
     )
     trak = None
