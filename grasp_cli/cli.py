@@ -97,7 +97,7 @@ def make_context(stage: Stage, flags: dict[str, Any]) -> StageContext:
     run = Path(flags["run"])
     if run.exists() and not run.is_dir():
         raise UsageError(f"--run {run}: exists and is not a folder; a run directory is a folder")
-    config = load_config(flags["config"], flags["set_"] or [])
+    config = load_config(flags["config"], flags["set_"] or [], run=run if run.is_dir() else None)
     if stage.configure is not None:
         stage.configure(config, flags)
     return StageContext(
@@ -107,6 +107,31 @@ def make_context(stage: Stage, flags: dict[str, Any]) -> StageContext:
         shard=resolve_shard(flags.get("shard"), flags.get("num_shards")),
         progress=not flags["quiet"] and os.environ.get("GRASP_PROGRESS", "1") != "0",
     )
+
+
+def record_run_config(ctx: StageContext, artifacts: list[str]) -> None:
+    """Write the config sections the stage's artifacts were made with into ``RUN/config.toml``
+    (merged with what earlier stages recorded): later stages and ``grasp status`` start from it,
+    so flags and ``--set`` overrides are remembered."""
+    from grasp_cli.artifacts.atomic import atomic_write_text, creation_lock
+    from grasp_cli.artifacts.layout import ARTIFACTS
+    from grasp_cli.config import RUN_CONFIG, GraspConfig, apply_run_config, read_run_config, to_toml
+
+    sections = sorted({s for a in artifacts for s in ARTIFACTS[a][1]})
+    if not sections or not ctx.layout.root.is_dir():
+        return
+    path = ctx.layout.root / RUN_CONFIG
+    with creation_lock(path):
+        recorded = read_run_config(ctx.layout.root)
+        merged = GraspConfig()
+        apply_run_config(merged, recorded, ctx.layout.root)
+        for name in sections:
+            setattr(merged, name, getattr(ctx.config, name))
+        header = (
+            "# The configuration this run's artifacts were made with, section by section, written\n"
+            "# by each stage. Every stage starts from it (then --config, --set and flags apply).\n\n"
+        )
+        atomic_write_text(path, header + to_toml(merged, sorted(set(recorded) | set(sections))))
 
 
 def dry_run_text(stage: Stage, ctx: StageContext, flags: dict[str, Any]) -> str:
@@ -125,6 +150,8 @@ def run_stage(stage: Stage, flags: dict[str, Any]) -> None:
         return
     result = stage.function()(ctx, **stage.run_flags(stage_flags))
     text, code = result if isinstance(result, tuple) else (result, 0)
+    if stage.writes_artifacts and code == 0:
+        record_run_config(ctx, stage.writes(stage_flags))
     typer.echo(text)
     if code:
         raise typer.Exit(code)

@@ -477,9 +477,14 @@ def _parse_override_value(text: str) -> Any:
         return text
 
 
-def load_config(path: Path | None, overrides: list[str] | None = None) -> GraspConfig:
-    """Defaults, then the TOML file, then ``section.key=value`` overrides (TOML syntax for values)."""
+def load_config(
+    path: Path | None, overrides: list[str] | None = None, run: Path | None = None
+) -> GraspConfig:
+    """Defaults, then the run's own ``RUN/config.toml`` (what earlier stages of the run were
+    made with), then the TOML file, then ``section.key=value`` overrides (TOML values)."""
     config = GraspConfig()
+    if run is not None:
+        apply_run_config(config, read_run_config(run), run)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -747,13 +752,70 @@ def parse_budget(text: str) -> int | float:
     return value
 
 
-def describe(config: GraspConfig) -> str:
-    """The resolved config as TOML-like text (for --dry-run)."""
+def toml_value(value: Any) -> str:
+    """One value as TOML: booleans, integers, floats (``inf``, ``nan``), strings, arrays and
+    inline tables — everything a config field holds."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string is a JSON string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{toml_key(str(k))} = {toml_value(v)}" for k, v in value.items())
+        return "{" + (f" {items} " if items else "") + "}"
+    raise ConfigError(f"cannot write {value!r} ({type(value).__name__}) as TOML")
+
+
+def toml_key(key: str) -> str:
+    """A bare key when TOML allows it, else a quoted one."""
+    if key and all(c.isalnum() or c in "_-" for c in key) and key.isascii():
+        return key
+    return json.dumps(key, ensure_ascii=False)
+
+
+def to_toml(config: GraspConfig, sections: list[str] | None = None) -> str:
+    """The config (or the named sections) as a TOML document that ``load_config`` reads back."""
     lines: list[str] = []
     for section in dataclasses.fields(config):
+        if sections is not None and section.name not in sections:
+            continue
         lines.append(f"[{section.name}]")
         for item in dataclasses.fields(getattr(config, section.name)):
             value = getattr(getattr(config, section.name), item.name)
-            lines.append(f"{item.name} = {json.dumps(value, default=str)}")
+            lines.append(f"{item.name} = {toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def describe(config: GraspConfig) -> str:
+    """The resolved config as valid TOML (for --dry-run: it can be saved and reused)."""
+    return to_toml(config)
+
+
+RUN_CONFIG = "config.toml"
+
+
+def read_run_config(run: Path) -> dict[str, Any]:
+    """``RUN/config.toml``, the configuration the run's stages were made with ({} if none)."""
+    path = Path(run) / RUN_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc}); fix or delete it") from None
+
+
+def apply_run_config(config: GraspConfig, table: dict[str, Any], run: Path) -> None:
+    """Start from what the run recorded (before --config, --set and flags are applied)."""
+    if table:
+        _apply_table(config, table, str(Path(run) / RUN_CONFIG))

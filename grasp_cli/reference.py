@@ -45,7 +45,7 @@ from grasp_cli.artifacts.manifest import (
 )
 from grasp_cli.config import AUTO_STEPS, DEFAULT_REFERENCE_STEPS, GraspConfig
 from grasp_cli.context import StageContext
-from grasp_cli.errors import InputError, first_line
+from grasp_cli.errors import InputError, StaleError, first_line
 from grasp_cli.models import DataShape, ModelBundle, build_model
 from grasp_cli.models.transformer import PAD_ID
 
@@ -176,20 +176,24 @@ def _ensure_reference_locked(
     sweep_debris(folder.parent, [folder.name])  # under the lock: no one else writes it now
     recorded = existing.extra.get("origin") if existing is not None else None
     origin = model_origin(ctx, recorded if isinstance(recorded, dict) else None)
-    if (
-        existing is not None
-        and existing.complete
-        and not rebuild
-        and staleness(ctx.layout, "reference", ctx.config) is None
-        and _same_origin(recorded, origin)
-    ):
+    if existing is not None and existing.complete and not rebuild:
+        reason = staleness(ctx.layout, "reference", ctx.config)
+        if reason is None and not _same_origin(recorded, origin):
+            reason = f"the model at {ctx.config.model.path} changed since θ0 was recorded"
+        if reason is None and checkpoint:
+            if existing.extra.get("checkpoint_digest") != _digest_of(checkpoint):
+                reason = f"θ0 was not made from the checkpoint {checkpoint}"
+        if reason is not None:  # θ0 is never rebuilt behind the user's back
+            raise StaleError(
+                f"stale: {reason}; {folder} holds the θ0 this run's sketches and retraining "
+                "started from: use the run's own config (RUN/config.toml), or rebuild θ0 with "
+                "`grasp sketch --force` (every later artifact then becomes stale)"
+            )
         if checkpoint:
-            if existing.extra.get("checkpoint_digest") == _digest_of(checkpoint):
-                return load_state_dict(str(folder / STATE_FILE), bundle)
-        elif existing.extra.get("source") == INITIAL and not (folder / STATE_FILE).exists():
-            return _initial_state(bundle)
-        else:
             return load_state_dict(str(folder / STATE_FILE), bundle)
+        if existing.extra.get("source") == INITIAL and not (folder / STATE_FILE).exists():
+            return _initial_state(bundle)
+        return load_state_dict(str(folder / STATE_FILE), bundle)
     extra: dict[str, object] = {}
     seed = ctx.config.seed("reference")
     if checkpoint:

@@ -81,7 +81,7 @@ def test_closed_loop_round_is_fit_data(run):
     round_one = run / "loop" / "round-001"
     with np.load(round_one / "subsets.npz") as data:
         assert list(data["kinds"]) == ["proposal", "swap-any", "swap-domain"]
-    surrogate = json.loads((run / "surrogate" / "manifest.json").read_text())
+    surrogate = json.loads((run / "surrogate" / "_grasp" / "manifest.json").read_text())
     assert surrogate["extra"]["loop_rounds"] == [1]
     params = json.loads((run / "surrogate" / "params.json").read_text())
     predictions = pq.read_table(run / "surrogate" / "predictions.parquet").to_pylist()
@@ -93,7 +93,7 @@ def test_closed_loop_round_is_fit_data(run):
 
 
 def test_every_curation_selector_is_trained_with_three_seeds(run):
-    manifest = json.loads((run / "selection" / "manifest.json").read_text())
+    manifest = json.loads((run / "selection" / "_grasp" / "manifest.json").read_text())
     selections = manifest["extra"]["selections"]
     expected = {
         "grasp", "grasp-open", "grasp-trust", "random", "additive", "trak", "domain-match",

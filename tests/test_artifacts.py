@@ -134,8 +134,8 @@ def test_unit_markers(tmp_path):
     markers.mark_done(2, rows=10)
     assert markers.is_done(2) and not markers.is_done(1)
     assert markers.missing(4) == [0, 1, 3]
-    assert json.loads((tmp_path / "_done" / "000002.json").read_text())["rows"] == 10
-    assert not any(name.startswith(".") for name in os.listdir(tmp_path / "_done"))
+    assert json.loads((tmp_path / "_grasp" / "done" / "000002.json").read_text())["rows"] == 10
+    assert not any(name.startswith(".") for name in os.listdir(tmp_path / "_grasp" / "done"))
 
 
 def test_open_sharded_reuses_matching_plan_and_replaces_stale_one(tmp_path):

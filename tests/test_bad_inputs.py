@@ -134,7 +134,7 @@ def _shift_sketch_ids(run, tmp):
 
     ids = zarr.open_group(str(run / "sketches.zarr"), mode="r+")["train_ids"]
     ids[:] = np.asarray(ids[:]) + 1000
-    path = run / "sketches.zarr" / "manifest.json"
+    path = run / "sketches.zarr" / "_grasp" / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["extra"]["digests"]["train_ids"] = chunk_digests(ids)
     path.write_text(json.dumps(manifest))
@@ -218,7 +218,7 @@ def _invalid_toml(run, tmp):
 
 
 def _corrupt_manifest(run, tmp):
-    (run / "sketches.zarr" / "manifest.json").write_text('{"artifact": "sketches", ')
+    (run / "sketches.zarr" / "_grasp" / "manifest.json").write_text('{"artifact": "sketches", ')
     return []
 
 
@@ -257,7 +257,7 @@ def _task_is_holdout_domain(run, tmp):
 
 
 def _complete_as_string(run, tmp):
-    path = run / "sketches.zarr" / "manifest.json"
+    path = run / "sketches.zarr" / "_grasp" / "manifest.json"
     raw = json.loads(path.read_text())
     raw["complete"] = "false"
     path.write_text(json.dumps(raw))
@@ -345,7 +345,7 @@ CASES: dict[str, Case] = {
     "select-before-fit": Case(["select"], ["{run}/surrogate", "run `grasp fit-surrogate` first"],
                               ("corpus", "tasks", "reference", "sketches.zarr")),
     "curation-before-select": Case(["retrain-subsets", "--curation"], ["run `grasp select` first"]),
-    "corrupt-manifest": Case(["fit-surrogate"], ["{run}/sketches.zarr/manifest.json: corrupt manifest"],
+    "corrupt-manifest": Case(["fit-surrogate"], ["{run}/sketches.zarr/_grasp/manifest.json: corrupt manifest"],
                              setup=_corrupt_manifest),
     "corrupt-surrogate-params": Case(["select"], ["{run}/surrogate/params.json: unreadable"], setup=_corrupt_params),
     "task-name-escapes-the-run": Case(["prepare"], ["task name '../evil' cannot be a file name"], (),
@@ -387,7 +387,7 @@ CASES: dict[str, Case] = {
                             extra=["--set", "select.task_weights={docs = nan}"]),
     "task-weights-all-zero": Case(["select"], ["gives every task weight 0"],
                                   extra=["--set", "select.task_weights={docs = 0.0, email = 0.0}"]),
-    "manifest-complete-is-a-string": Case(["fit-surrogate"], ["{run}/sketches.zarr/manifest.json: corrupt manifest",
+    "manifest-complete-is-a-string": Case(["fit-surrogate"], ["{run}/sketches.zarr/_grasp/manifest.json: corrupt manifest",
                                                               "field 'complete' is str"], setup=_complete_as_string),
     "run-is-a-file": Case(["status"], ["--run {run}: exists and is not a folder"], (), _run_is_a_file),
     "export-over-a-user-folder": Case(["select"], ["--export {tmp}/mine: exists and is not a grasp export"],
@@ -616,7 +616,7 @@ def test_a_full_disk_names_the_file_being_written(base, tmp_path, monkeypatch):
     assert code == 1
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"error: {run}/surrogate/") and "No space left on device" in line, err
-    assert not (run / "surrogate").exists() or (run / "surrogate" / "manifest.json").is_file()
+    assert not (run / "surrogate").exists() or (run / "surrogate" / "_grasp" / "manifest.json").is_file()
 
 
 # ---------------------------------------------------------------- select --export never destroys

@@ -138,7 +138,7 @@ def test_sketch_killed_after_first_chunk_resumes_to_identical_arrays(base, tmp_p
     kill_when(proc, flag.exists)
     folder = run / "sketches.zarr"
     assert read_manifest(folder).complete is False
-    assert sorted(p.name for p in (folder / "_done").glob("*.json")) == ["000000.json"]
+    assert sorted(p.name for p in (folder / "_grasp" / "done").glob("*.json")) == ["000000.json"]
     status = ok("status", "-c", CONFIG, "--run", run)
     assert "incomplete: 6/7 units missing" in status
     code, _, err = grasp("fit-surrogate", "-c", CONFIG, "--run", run)
@@ -179,7 +179,7 @@ def test_retrain_killed_at_first_part_resumes(base, tmp_path):
     """A plain SIGKILL as soon as the first result exists, wherever the job then is."""
     run = copy_run(base, tmp_path / "run", ("corpus", "tasks", "reference"))
     proc = spawn(["retrain-subsets", "-c", CONFIG, "--run", run])
-    done = run / "retrain" / "_done"
+    done = run / "retrain" / "_grasp" / "done"
     kill_when(proc, lambda: done.is_dir() and any(done.glob("*.json")))
     finished = len(list(done.glob("*.json")))
     assert 1 <= finished < N_JOBS
@@ -336,7 +336,7 @@ def _poison(part: Path, value: float) -> None:
         table.schema.get_field_index("value"), "value", pa.array(values, pa.float64())
     )
     pq.write_table(table, part)
-    manifest_path = part.parent / "manifest.json"
+    manifest_path = part.parent / "_grasp" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["extra"]["files"][part.name] = file_digest([part])
     manifest_path.write_text(json.dumps(manifest))
@@ -439,7 +439,7 @@ def test_prepare_killed_between_corpus_and_tasks_is_refused(base, tmp_path, monk
 
 def test_truncated_manifest_is_rebuilt_by_its_stage_with_force(base, tmp_path):
     run = copy_run(base, tmp_path / "run", ALL_FIT)
-    manifest = run / "retrain" / "manifest.json"
+    manifest = run / "retrain" / "_grasp" / "manifest.json"
     manifest.write_text(manifest.read_text()[:40])
     for stage in ("fit-surrogate", "retrain-subsets"):
         code, _, err = grasp(stage, "-c", CONFIG, "--run", run)

@@ -23,7 +23,7 @@ from grasp_cli.artifacts.manifest import file_digest
 from grasp_cli.config import load_config
 from grasp_cli.context import StageContext
 from grasp_cli.reference import ensure_reference, new_bundle, stage_data_shape
-from tests.conftest import grasp_ok
+from tests.conftest import grasp_ok, one_line_error
 from tests.conftest import run_grasp as grasp
 from tests.hf_checkpoints import ARCHITECTURES, save
 
@@ -77,7 +77,7 @@ def test_the_whole_pipeline_runs_on_a_hugging_face_checkpoint(
     out = grasp_ok("select", *args, "--run", run)
     assert "24 of 96 examples" in out
 
-    reference = json.loads((run / "reference" / "manifest.json").read_text())
+    reference = json.loads((run / "reference" / "_grasp" / "manifest.json").read_text())
     assert reference["extra"]["source"] == "initial weights"
     assert reference["config"]["reference"]["steps"] == 0
     origin = reference["extra"]["origin"]
@@ -135,7 +135,7 @@ def test_reference_steps_train_further_from_the_checkpoint(hf_checkpoints, prepa
     corpus = read_examples(ctx.layout.corpus)
     bundle = new_bundle(ctx, stage_data_shape(ctx, corpus))
     state = ensure_reference(ctx, corpus, bundle)
-    manifest = json.loads((run / "reference" / "manifest.json").read_text())
+    manifest = json.loads((run / "reference" / "_grasp" / "manifest.json").read_text())
     assert manifest["extra"]["source"] == "trained" and manifest["extra"]["steps"] == 3
     assert manifest["extra"]["origin"]["weights_digest"] == file_digest(
         [folder / "model.safetensors"]
@@ -155,7 +155,7 @@ def test_steps_zero_makes_the_seeded_init_theta0_for_built_in_models(prepared, t
     fresh = {k: v.clone() for k, v in bundle.module.state_dict().items()}
     state = ensure_reference(ctx, corpus, bundle)
     assert all(torch.equal(state[k], fresh[k]) for k in fresh)
-    manifest = json.loads((run / "reference" / "manifest.json").read_text())
+    manifest = json.loads((run / "reference" / "_grasp" / "manifest.json").read_text())
     assert (
         manifest["extra"]["source"] == "initial weights"
         and (run / "reference" / "model.pt").exists()
@@ -171,8 +171,10 @@ def test_a_replaced_checkpoint_is_damage_and_makes_theta0_stale(prepared, tmp_pa
     save("gpt2", folder, seed=1)  # other weights, same path
     status = grasp_ok("status", *args, "--run", run)
     assert f"reference  DAMAGED: the checkpoint {folder} changed" in status
-    grasp_ok("sketch", *args, "--run", run)  # θ0 follows the checkpoint; sketches are redone
-    manifest = json.loads((run / "reference" / "manifest.json").read_text())
+    line = one_line_error("sketch", *args, "--run", run)  # θ0 is never rebuilt unless asked
+    assert "changed since θ0 was recorded" in line and "grasp sketch --force" in line
+    grasp_ok("sketch", *args, "--run", run, "--force")  # θ0 follows the checkpoint; sketches redone
+    manifest = json.loads((run / "reference" / "_grasp" / "manifest.json").read_text())
     assert manifest["extra"]["origin"]["weights_digest"] == file_digest(
         [folder / "model.safetensors"]
     )

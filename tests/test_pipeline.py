@@ -326,7 +326,7 @@ def test_limit_then_resume_trains_each_run_once(run, tmp_path):
     out = ok("retrain-subsets", "-c", CONFIG, "--run", other, "--limit", 2, "-q")
     assert "trained 2 runs" in out
     assert len(list((other / "retrain").glob("part-*.parquet"))) == 2
-    assert len(list((other / "retrain" / "_done").glob("*.json"))) == 2
+    assert len(list((other / "retrain" / "_grasp" / "done").glob("*.json"))) == 2
     assert not read_manifest(other / "retrain").complete
     status = ok("status", "-c", CONFIG, "--run", other)
     assert f"incomplete: {N_JOBS - 2}/{N_JOBS} units missing" in status

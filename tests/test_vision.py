@@ -299,7 +299,7 @@ def test_npz_prepare_needs_neither_pillow_nor_sklearn(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "run" / "corpus" / "manifest.json").is_file()
+    assert (tmp_path / "run" / "corpus" / "_grasp" / "manifest.json").is_file()
 
 
 # ---------------------------------------------------------------- the digits demo

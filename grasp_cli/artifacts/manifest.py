@@ -1,4 +1,8 @@
-"""Self-describing artifacts: a ``manifest.json`` inside every artifact folder.
+"""Self-describing artifacts: ``_grasp/manifest.json`` inside every artifact folder.
+
+Bookkeeping (the manifest, unit markers) lives in the artifact's ``_grasp/`` folder, which data
+tools skip: pyarrow and pandas ignore ``_``-prefixed entries of a dataset folder, and in a Zarr
+store ``_grasp`` is an (empty) Zarr group, so listing the store's arrays warns about nothing.
 
 The manifest records the schema version, the stage, the config sections the
 artifact depends on (and their hash), the fingerprints of the artifacts it was
@@ -24,7 +28,9 @@ from grasp_cli.config import GraspConfig, sections_hash, semantic_section
 from grasp_cli.errors import InputError, StaleError
 
 SCHEMA_VERSION = 2
-MANIFEST_NAME = "manifest.json"
+BOOKKEEPING = "_grasp"
+MANIFEST_NAME = f"{BOOKKEEPING}/manifest.json"
+_ZARR_GROUP = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
 
 
 @dataclass
@@ -92,9 +98,10 @@ def build_manifest(
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
-    atomic_write_text(
-        Path(folder) / MANIFEST_NAME, json.dumps(asdict(manifest), indent=2, default=str)
-    )
+    folder = Path(folder)
+    if (folder / "zarr.json").is_file() and not (folder / BOOKKEEPING / "zarr.json").is_file():
+        atomic_write_text(folder / BOOKKEEPING / "zarr.json", _ZARR_GROUP.decode())
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(asdict(manifest), indent=2, default=str))
 
 
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -119,7 +126,8 @@ class CorruptManifestError(InputError):
 
     def __init__(self, path: Path, reason: str) -> None:
         self.path = Path(path)
-        stage = stage_of_folder(self.path.parent)
+        folder = self.path.parent
+        stage = stage_of_folder(folder.parent if folder.name == BOOKKEEPING else folder)
         fix = f"rebuild it with `grasp {stage} --force`" if stage else "rebuild the artifact"
         super().__init__(f"{self.path}: corrupt manifest ({reason}); {fix}")
 
@@ -265,12 +273,12 @@ def check_prepared_pair(layout: RunLayout) -> None:
 
 def folder_digest(folder: Path) -> str:
     """sha256 over the relative paths and bytes of every file in an artifact folder, except its
-    manifest and bookkeeping (``_done/``): the ``content`` of artifacts written whole."""
+    bookkeeping (``_grasp/``): the ``content`` of artifacts written whole."""
     folder = Path(folder)
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = path.relative_to(folder).as_posix()
-        if relative == MANIFEST_NAME or relative.startswith("_done/"):
+        if relative.startswith(f"{BOOKKEEPING}/"):
             continue
         digest.update(relative.encode() + b"\0")
         with open(path, "rb") as handle:

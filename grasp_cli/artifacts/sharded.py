@@ -70,7 +70,7 @@ def open_sharded(
         if existing is not None and existing.fingerprint == plan.fingerprint:
             # Other jobs may be writing their own temporaries here right now: only old debris.
             sweep_debris(folder, None, min_age_s=SHARED_DEBRIS_MIN_AGE_S)
-            sweep_debris(folder / "_done", None, min_age_s=SHARED_DEBRIS_MIN_AGE_S)
+            sweep_debris(UnitMarkers(folder).folder, None, min_age_s=SHARED_DEBRIS_MIN_AGE_S)
             return existing
         sweep_debris(folder.parent, [folder.name], min_age_s=SHARED_DEBRIS_MIN_AGE_S)
         tmp = _tmp_name(folder)
@@ -138,7 +138,8 @@ def verify_files(folder: Path, manifest: Manifest, pattern: str, rebuild: str) -
         relative: path
         for path in sorted(Path(folder).rglob("*"))
         if path.is_file()
-        and fnmatch.fnmatch(relative := path.relative_to(folder).as_posix(), pattern)
+        and not (relative := path.relative_to(folder).as_posix()).startswith("_grasp/")
+        and fnmatch.fnmatch(relative, pattern)
     }
     if not recorded:
         return list(present.values())  # an artifact made before digests were recorded

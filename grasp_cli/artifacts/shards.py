@@ -78,10 +78,10 @@ def owned_units(num_units: int, shard: ShardSpec) -> range:
 
 
 class UnitMarkers:
-    """Completion markers for the units of one artifact: ``<artifact>/_done/<unit>.json``."""
+    """Completion markers for the units of one artifact: ``<artifact>/_grasp/done/<unit>.json``."""
 
     def __init__(self, artifact_dir: Path) -> None:
-        self.folder = Path(artifact_dir) / "_done"
+        self.folder = Path(artifact_dir) / "_grasp" / "done"
 
     def _path(self, unit: int) -> Path:
         return self.folder / f"{unit:06d}.json"

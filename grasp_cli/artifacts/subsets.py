@@ -67,11 +67,16 @@ def write_subsets(
         shape=membership.shape,
         chunks=(min(256, max(1, membership.shape[0])), membership.shape[1]),
         dtype="uint8",
+        dimension_names=["subset", "member_byte"],
     )[:] = membership
-    group.create_array("size", shape=(len(sizes),), dtype="int64")[:] = np.asarray(sizes)
+    group.create_array("size", shape=(len(sizes),), dtype="int64", dimension_names=["subset"])[
+        :
+    ] = np.asarray(sizes)
     for name, column in (("role", roles), ("design", design), ("params", params)):
         values = np.array([str(v) for v in column])
-        group.create_array(name, shape=(len(values),), dtype=str)[:] = values
+        group.create_array(name, shape=(len(values),), dtype=str, dimension_names=["subset"])[:] = (
+            values
+        )
     group.attrs.update({"n": n_rows, "m": len(sizes), "domains": domain_names, "bitorder": "big"})
     return {name: chunk_digests(array) for name, array in group.arrays()}
 

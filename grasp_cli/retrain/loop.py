@@ -14,7 +14,7 @@ honest), ``select`` proposes again, and the next ``retrain-subsets --loop`` star
 Rounds live in ``RUN/loop/round-RRR/``: ``subsets.npz`` (packed membership ``[m, N/8]``, the
 swap fraction and kind of each subset; subset 0 is the proposal), ``proposal.json`` (the
 selection that proposed it and what the surrogate predicted for it) and one result part per
-subset. ``RUN/loop/manifest.json`` lists the finished rounds; its fingerprint changes with each
+subset. ``RUN/loop/_grasp/manifest.json`` lists the finished rounds; its fingerprint changes with each
 round, which makes the surrogate stale until it is refit.
 """
 
@@ -225,7 +225,7 @@ def run_loop(ctx: StageContext, limit: int | None = None) -> str:
 
 
 def write_loop_manifest(ctx: StageContext, loop_folder: Path, rounds: list[int]) -> None:
-    """``RUN/loop/manifest.json``: the finished rounds; its fingerprint changes with each one."""
+    """``RUN/loop/_grasp/manifest.json``: the finished rounds; its fingerprint changes with each one."""
     fingerprints = [read_manifest(round_folder(loop_folder, r)).fingerprint for r in rounds]
     files = [round_folder(loop_folder, r) / SUBSETS_FILE for r in rounds]
     with creation_lock(loop_folder):

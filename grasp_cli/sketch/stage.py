@@ -131,35 +131,68 @@ def run_sketch(ctx: StageContext) -> str:
 
     def skeleton(folder: Path) -> dict[str, dict[str, str]]:
         group = zarr.open_group(str(folder), mode="w")
-        group.create_array("train", shape=(n_rows, k), chunks=(chunk, k), dtype=dtype, fill_value=0)
         group.create_array(
-            "train_ids", shape=(n_rows,), chunks=(chunk,), dtype="int64", fill_value=-1
+            "train",
+            shape=(n_rows, k),
+            chunks=(chunk, k),
+            dtype=dtype,
+            fill_value=0,
+            dimension_names=["row", "dim"],
         )
         group.create_array(
-            "tasks", shape=(len(task_names), k), chunks=(len(task_names), k), dtype="float32"
+            "train_ids",
+            shape=(n_rows,),
+            chunks=(chunk,),
+            dtype="int64",
+            fill_value=-1,
+            dimension_names=["row"],
         )
-        names = group.create_array("task_names", shape=(len(task_names),), dtype=str)
+        group.create_array(
+            "tasks",
+            shape=(len(task_names), k),
+            chunks=(len(task_names), k),
+            dtype="float32",
+            dimension_names=["task", "dim"],
+        )
+        names = group.create_array(
+            "task_names", shape=(len(task_names),), dtype=str, dimension_names=["task"]
+        )
         names[:] = np.array(task_names)
         attrs = {"sketch": sketcher.describe(), "k": k, "n": n_rows, "dtype": dtype}
         if featurizer is not None:
             shape = (n_rows, trak_k)
             group.create_array(
-                "trak_train", shape=shape, chunks=(chunk, trak_k), dtype="float32", fill_value=0
+                "trak_train",
+                shape=shape,
+                chunks=(chunk, trak_k),
+                dtype="float32",
+                fill_value=0,
+                dimension_names=["row", "trak_dim"],
             )
             group.create_array(
-                "trak_q", shape=(n_rows,), chunks=(chunk,), dtype="float32", fill_value=0
+                "trak_q",
+                shape=(n_rows,),
+                chunks=(chunk,),
+                dtype="float32",
+                fill_value=0,
+                dimension_names=["row"],
             )
             group.create_array(
                 "trak_tasks",
                 shape=(len(task_names), trak_k),
                 chunks=(len(task_names), trak_k),
+                dimension_names=["task", "trak_dim"],
                 dtype="float32",
             )
             attrs["trak"] = featurizer.describe()
         if with_ref:
             width = len(ref_lambdas) * len(task_names)  # column l·T + t: λ_l, task t
             group.create_array(
-                "trak_ref_scores", shape=(n_rows, width), chunks=(chunk, width), dtype="float64"
+                "trak_ref_scores",
+                shape=(n_rows, width),
+                chunks=(chunk, width),
+                dtype="float64",
+                dimension_names=["row", "lambda_task"],
             )
             attrs["trak_ref"] = {"package": "traker", "k": trak_k, "rel_lambdas": ref_lambdas}
         group.attrs.update(attrs)
