@@ -8,6 +8,7 @@ options: ``grasp STAGE [--config FILE] [--run DIR] [--set section.key=value]... 
 
 from __future__ import annotations
 
+import copy
 import errno
 import inspect
 import os
@@ -20,7 +21,7 @@ import typer
 from grasp_cli import __version__
 from grasp_cli.artifacts.layout import RunLayout
 from grasp_cli.artifacts.shards import resolve_shard
-from grasp_cli.config import describe, load_config
+from grasp_cli.config import config_changes, describe, load_config, parse_overrides
 from grasp_cli.context import StageContext
 from grasp_cli.errors import GraspError, UsageError, first_line
 from grasp_cli.stages import STAGES, Flag, Stage
@@ -97,25 +98,52 @@ def make_context(stage: Stage, flags: dict[str, Any]) -> StageContext:
     run = Path(flags["run"])
     if run.exists() and not run.is_dir():
         raise UsageError(f"--run {run}: exists and is not a folder; a run directory is a folder")
-    config = load_config(flags["config"], flags["set_"] or [], run=run if run.is_dir() else None)
+    # prepare states its corpus afresh (its inputs are its flags); every later stage starts
+    # from what the run recorded.
+    fresh = ("prepare",) if stage.name == "prepare" else ()
+    config = load_config(
+        flags["config"], flags["set_"] or [], run=run if run.is_dir() else None, fresh=fresh
+    )
+    command_line = parse_overrides(flags["set_"] or [])
     if stage.configure is not None:
+        before = copy.deepcopy(config)
         stage.configure(config, flags)
+        for section, keys in config_changes(before, config).items():
+            command_line.setdefault(section, {}).update(keys)
     return StageContext(
         config=config,
         layout=RunLayout(run),
         force=bool(flags.get("force", False)),
         shard=resolve_shard(flags.get("shard"), flags.get("num_shards")),
         progress=not flags["quiet"] and os.environ.get("GRASP_PROGRESS", "1") != "0",
+        command_line=command_line,
     )
+
+
+RUN_CONFIG_HEADER = """\
+# The configuration this run's artifacts were made with, written by each stage for its own
+# sections. Every later stage and `grasp status` start from it; then --config FILE, then the
+# keys remembered from earlier command lines ([command_line.*]: flags and --set, which stay in
+# force over the file until set again), then this command's --set and flags.
+
+"""
 
 
 def record_run_config(ctx: StageContext, artifacts: list[str]) -> None:
     """Write the config sections the stage's artifacts were made with into ``RUN/config.toml``
-    (merged with what earlier stages recorded): later stages and ``grasp status`` start from it,
-    so flags and ``--set`` overrides are remembered."""
+    (merged with what earlier stages recorded), and remember the keys this command set on its
+    command line within those sections (``[command_line]``)."""
     from grasp_cli.artifacts.atomic import atomic_write_text, creation_lock
     from grasp_cli.artifacts.layout import ARTIFACTS
-    from grasp_cli.config import RUN_CONFIG, GraspConfig, apply_run_config, read_run_config, to_toml
+    from grasp_cli.config import (
+        COMMAND_LINE,
+        RUN_CONFIG,
+        GraspConfig,
+        apply_run_config,
+        command_line_toml,
+        read_run_config,
+        to_toml,
+    )
 
     sections = sorted({s for a in artifacts for s in ARTIFACTS[a][1]})
     if not sections or not ctx.layout.root.is_dir():
@@ -127,11 +155,14 @@ def record_run_config(ctx: StageContext, artifacts: list[str]) -> None:
         apply_run_config(merged, recorded, ctx.layout.root)
         for name in sections:
             setattr(merged, name, getattr(ctx.config, name))
-        header = (
-            "# The configuration this run's artifacts were made with, section by section, written\n"
-            "# by each stage. Every stage starts from it (then --config, --set and flags apply).\n\n"
-        )
-        atomic_write_text(path, header + to_toml(merged, sorted(set(recorded) | set(sections))))
+        remembered = {k: dict(v) for k, v in recorded.get(COMMAND_LINE, {}).items()}
+        if "prepare" in sections:  # prepare states its corpus afresh: its old flags go
+            remembered.pop("prepare", None)
+        for name in sections:
+            remembered.setdefault(name, {}).update(ctx.command_line.get(name, {}))
+        written = sorted((set(recorded) - {COMMAND_LINE}) | set(sections))
+        text = RUN_CONFIG_HEADER + to_toml(merged, written) + command_line_toml(remembered)
+        atomic_write_text(path, text)
 
 
 def dry_run_text(stage: Stage, ctx: StageContext, flags: dict[str, Any]) -> str:

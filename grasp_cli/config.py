@@ -161,6 +161,11 @@ class SketchSection:
     dtype: str = _f("float32", "Stored sketch dtype: 'float32' or 'float16'.")
     chunk_rows: int = _f(1024, "Rows per Zarr chunk (the unit of sharding and resumption).")
     task_batch_size: int = _f(256, "Examples per batch when accumulating task gradients.")
+    projection_cache_mb: int = _f(
+        2048,
+        "Memory (MiB, per projection, per process) for a dense projection's blocks; blocks "
+        "beyond it are regenerated for every batch, which is slower but bounded in memory.",
+    )
     trak_k: int = _f(
         0,
         "TRAK's features: dense Gaussian projection (this many dims) of the per-example "
@@ -378,7 +383,7 @@ class GraspConfig:
 # Keys that change how fast a stage runs, never what it computes: left out of artifact hashes.
 NON_SEMANTIC_KEYS = {
     "run": {"device", "threads"},
-    "sketch": {"batch_size", "task_batch_size"},
+    "sketch": {"batch_size", "task_batch_size", "projection_cache_mb"},
     "retrain": {"parallel_models", "eval_batch_size"},
     "select": {"block_rows"},
 }
@@ -477,14 +482,48 @@ def _parse_override_value(text: str) -> Any:
         return text
 
 
+def parse_overrides(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``--set section.key=value`` items as ``{section: {key: value}}`` (TOML values)."""
+    table: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        table.setdefault(section, {})[key] = _parse_override_value(raw.strip())
+    return table
+
+
 def load_config(
-    path: Path | None, overrides: list[str] | None = None, run: Path | None = None
+    path: Path | None,
+    overrides: list[str] | None = None,
+    run: Path | None = None,
+    fresh: tuple[str, ...] = (),
 ) -> GraspConfig:
-    """Defaults, then the run's own ``RUN/config.toml`` (what earlier stages of the run were
-    made with), then the TOML file, then ``section.key=value`` overrides (TOML values)."""
+    """The configuration a stage runs with, in layers (each overrides the one before):
+
+    1. the defaults;
+    2. the run's ``RUN/config.toml`` — what earlier stages were made with (``fresh`` sections
+       excepted: ``prepare`` states its corpus afresh);
+    3. the TOML file (``--config``);
+    4. the run's remembered command-line keys (``[command_line]`` in ``RUN/config.toml``:
+       flags and ``--set`` of earlier stages), so a ``--budget`` stays in force over the file
+       until it is set again;
+    5. this command's ``--set`` (then the stage's flags, applied by the caller).
+    """
     config = GraspConfig()
+    given = parse_overrides(overrides)
+    remembered: dict[str, dict[str, Any]] = {}
     if run is not None:
-        apply_run_config(config, read_run_config(run), run)
+        recorded = read_run_config(run)
+        sections = {k: v for k, v in recorded.items() if k != COMMAND_LINE and k not in fresh}
+        apply_run_config(config, sections, run)
+        for section, keys in recorded.get(COMMAND_LINE, {}).items():
+            if section in fresh or not isinstance(keys, dict):
+                continue
+            kept = {k: v for k, v in keys.items() if k not in given.get(section, {})}
+            if kept:
+                remembered[section] = kept
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -494,12 +533,9 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
         _apply_table(config, table, str(path))
-    for item in overrides or []:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-        dotted, raw = item.split("=", 1)
-        section, key = dotted.strip().split(".", 1)
-        _apply_table(config, {section: {key: _parse_override_value(raw.strip())}}, "--set")
+    if remembered:
+        _apply_table(config, remembered, f"{Path(run) / RUN_CONFIG} [{COMMAND_LINE}]")
+    _apply_table(config, given, "--set")
     validate(config)
     return resolve_auto(config)
 
@@ -593,6 +629,7 @@ def validate(config: GraspConfig) -> None:
             raise ConfigError(f"{section}.{key} = {value!r} must be a positive number")
     non_negative = [
         ("run", "threads"),
+        ("sketch", "projection_cache_mb"),
         ("prepare", "max_docs_per_domain"),
         ("prepare", "max_seqs_per_domain"),
         ("prepare", "max_task_seqs"),
@@ -802,6 +839,7 @@ def describe(config: GraspConfig) -> str:
 
 
 RUN_CONFIG = "config.toml"
+COMMAND_LINE = "command_line"  # RUN/config.toml's table of keys set by flags and --set
 
 
 def read_run_config(run: Path) -> dict[str, Any]:
@@ -817,5 +855,30 @@ def read_run_config(run: Path) -> dict[str, Any]:
 
 def apply_run_config(config: GraspConfig, table: dict[str, Any], run: Path) -> None:
     """Start from what the run recorded (before --config, --set and flags are applied)."""
+    table = {k: v for k, v in table.items() if k != COMMAND_LINE}
     if table:
         _apply_table(config, table, str(Path(run) / RUN_CONFIG))
+
+
+def config_changes(before: GraspConfig, after: GraspConfig) -> dict[str, dict[str, Any]]:
+    """``{section: {key: value}}`` of the keys whose values differ from ``before`` to ``after``
+    (what a stage's flags set)."""
+    changes: dict[str, dict[str, Any]] = {}
+    for section in dataclasses.fields(after):
+        old, new = getattr(before, section.name), getattr(after, section.name)
+        for item in dataclasses.fields(new):
+            value = getattr(new, item.name)
+            if getattr(old, item.name) != value:
+                changes.setdefault(section.name, {})[item.name] = value
+    return changes
+
+
+def command_line_toml(table: dict[str, dict[str, Any]]) -> str:
+    """The ``[command_line]`` table of ``RUN/config.toml`` as TOML text."""
+    lines = []
+    for section in sorted(table):
+        if table[section]:
+            lines.append(f"[{COMMAND_LINE}.{section}]")
+            lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in sorted(table[section].items())]
+            lines.append("")
+    return "\n".join(lines)

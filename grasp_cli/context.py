@@ -20,6 +20,8 @@ class StageContext:
     force: bool = False
     shard: ShardSpec = field(default_factory=ShardSpec)
     progress: bool = True
+    # keys this command set on its command line (--set and config flags): remembered by the run
+    command_line: dict = field(default_factory=dict)
 
     @property
     def device(self) -> str:

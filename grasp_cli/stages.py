@@ -297,6 +297,23 @@ STAGES: tuple[Stage, ...] = (
         "status",
         "What exists in the run, what is stale or damaged, and which units are missing.",
         _status,
+        flags=(
+            Flag(
+                "check",
+                bool,
+                False,
+                "Exit 1 unless every artifact is ok (missing, incomplete, stale or damaged).",
+                ("--check",),
+            ),
+            Flag(
+                "json_out",
+                bool,
+                False,
+                "Print the state as one JSON document (run, complete, artifacts: state, detail, "
+                "stage, path, missing_units).",
+                ("--json",),
+            ),
+        ),
         writes_artifacts=False,
     ),
 )

@@ -17,7 +17,7 @@ import zarr
 from grasp_cli.cli import main
 
 TINY = Path(__file__).with_name("tiny.toml")
-RESULT_KEYS = ["subset_id", "role", "task", "metric", "value", "seed", "steps"]  # all but wall_s
+RESULT_KEYS = ["subset_id", "role", "task", "metric", "value", "utility", "seed", "steps"]  # not wall_s
 
 ENGLISH = (
     "The quick brown fox jumps over the lazy dog while the river keeps flowing to the sea. "
@@ -53,10 +53,13 @@ def build_run(root: Path, stages: list[list[str]] | tuple, config: Path = TINY) 
 
 
 def copy_run(src: Path, dst: Path, names: tuple[str, ...] | list[str]) -> Path:
-    """A copy of the named artifact folders of run ``src`` in ``dst`` (created)."""
+    """A copy of the named artifact folders of run ``src`` in ``dst`` (created), with the
+    run's recorded configuration (``config.toml``)."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in names:
         shutil.copytree(src / name, dst / name)
+    if (src / "config.toml").is_file():
+        shutil.copy2(src / "config.toml", dst / "config.toml")
     return dst
 
 

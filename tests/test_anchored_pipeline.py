@@ -65,7 +65,7 @@ def test_grasp_family_and_anchored_baselines(run):
     assert {r["quadratic"] for r in grasp} == {True, False}
     assert {r["alignment"] for r in grasp} == {"plain", "kernel"}
     methods = {r["method"] for r in pq.read_table(folder / "evaluation.parquet").to_pylist()}
-    assert {"grasp", "additive", "trak", "trak-ref", "datamodels", "mixture"} <= methods
+    assert {"grasp", "additive", "trak", "trak-ref", "datamodels", "regmix"} <= methods
     params = json.loads((folder / "params.json").read_text())
     assert params["baselines"]["trak"]["features"] == "trak"
     comparison = pq.read_table(folder / "comparison.parquet").to_pylist()

@@ -616,7 +616,10 @@ def test_a_full_disk_names_the_file_being_written(base, tmp_path, monkeypatch):
     assert code == 1
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"error: {run}/surrogate/") and "No space left on device" in line, err
-    assert not (run / "surrogate").exists() or (run / "surrogate" / "_grasp" / "manifest.json").is_file()
+    assert (
+        not (run / "surrogate").exists()
+        or (run / "surrogate" / "_grasp" / "manifest.json").is_file()
+    )
 
 
 # ---------------------------------------------------------------- select --export never destroys

@@ -332,9 +332,10 @@ def _poison(part: Path, value: float) -> None:
 
     table = pq.read_table(part)
     values = np.full(table.num_rows, value)
-    table = table.set_column(
-        table.schema.get_field_index("value"), "value", pa.array(values, pa.float64())
-    )
+    for name, column in (("value", values), ("utility", -values)):
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pa.array(column, pa.float64())
+        )
     pq.write_table(table, part)
     manifest_path = part.parent / "_grasp" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())

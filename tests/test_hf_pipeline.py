@@ -23,7 +23,7 @@ from grasp_cli.artifacts.manifest import file_digest
 from grasp_cli.config import load_config
 from grasp_cli.context import StageContext
 from grasp_cli.reference import ensure_reference, new_bundle, stage_data_shape
-from tests.conftest import grasp_ok, one_line_error
+from tests.conftest import grasp_ok
 from tests.conftest import run_grasp as grasp
 from tests.hf_checkpoints import ARCHITECTURES, save
 

@@ -130,6 +130,11 @@ def test_retrain_results_have_one_row_per_run_task_and_metric(run):
     assert len(keys) == len(set(keys))
     assert set(table.column("steps").to_pylist()) == {8}
     assert np.isfinite(table.column("value").to_numpy()).all()
+    # utility is the measurement on the surrogate's scale: −loss (higher is better)
+    is_loss = np.array(table.column("metric").to_pylist()) == "loss"
+    np.testing.assert_array_equal(
+        table.column("utility").to_numpy()[is_loss], -table.column("value").to_numpy()[is_loss]
+    )
     loss = [(s, seed, t) for s, seed, t, m in keys if m == "loss"]
     seeds = sorted({seed for _, seed, _ in loss})
     assert len(seeds) == 2
@@ -187,9 +192,15 @@ def test_surrogate_tables(run):
 
 def test_scores_split_gain_into_alignment_and_redundancy(run):
     subsets = pq.read_table(run / "scores" / "subsets.parquet")
-    assert {"subset_id", "role", "size", "task", "predicted", "alignment", "penalty"} <= set(
-        subsets.column_names
-    )
+    assert subsets.column_names == [
+        "subset_id",
+        "role",
+        "size",
+        "task",
+        "predicted_utility",
+        "alignment",
+        "redundancy",
+    ]
     assert subsets.num_rows == N_SUBSETS * 2
     sizes = np.asarray(zarr.open_group(str(run / "subsets.zarr"), mode="r")["size"][:])
     by_id = dict(
@@ -202,11 +213,13 @@ def test_scores_split_gain_into_alignment_and_redundancy(run):
     parts = sorted((run / "scores" / "examples").glob("part-*.parquet"))
     assert len(parts) == 3  # score.chunk_rows = 40 over 96 rows
     table = pa.concat_tables([pq.read_table(p) for p in parts])
+    assert table.column_names == ["id", "task", "utility_gain", "alignment", "redundancy"]
     gain, alignment, redundancy = (
-        table.column(c).to_numpy() for c in ("gain", "alignment", "redundancy")
+        table.column(c).to_numpy() for c in ("utility_gain", "alignment", "redundancy")
     )
     assert np.isfinite(gain).all()
-    np.testing.assert_allclose(gain, alignment + redundancy, rtol=1e-9, atol=1e-12)
+    # one sign convention in both tables: value = alignment − redundancy (+ intercept)
+    np.testing.assert_allclose(gain, alignment - redundancy, rtol=1e-9, atol=1e-12)
     corpus = read_examples(run / "corpus")
     pairs = list(zip(table.column("id").to_pylist(), table.column("task").to_pylist(), strict=True))
     assert len(pairs) == len(set(pairs)) == 2 * len(corpus)
@@ -215,7 +228,7 @@ def test_scores_split_gain_into_alignment_and_redundancy(run):
 
 def test_selection_has_budget_many_unique_corpus_ids(run):
     table = pq.read_table(run / "selection" / "selected.parquet")
-    assert table.schema.names[:4] == ["id", "rank", "gain", "domain"]
+    assert table.schema.names[:4] == ["id", "rank", "objective_gain", "domain"]
     assert (
         table.schema.field("id").type == pa.int64()
         and table.schema.field("rank").type == pa.int64()

@@ -378,7 +378,7 @@ def test_vision_ci_pipeline_end_to_end(cli, tmp_path):
         assert code == 0, err
     evaluation = pq.read_table(run / "surrogate" / "evaluation.parquet").to_pylist()
     methods = {row["method"] for row in evaluation if row["task"] == "mean"}
-    assert {"grasp", "additive", "trak", "cosine", "datamodels", "mixture"} <= methods
+    assert {"grasp", "additive", "trak", "cosine", "datamodels", "regmix"} <= methods
     assert all(np.isfinite(row["spearman"]) for row in evaluation if row["method"] == "grasp")
     selected = pq.read_table(run / "selection" / "selected.parquet").to_pylist()
     assert len(selected) == 40 and len({row["id"] for row in selected}) == 40

@@ -209,10 +209,11 @@ def staleness(layout: RunLayout, artifact: str, config: GraspConfig) -> str | No
             continue
         if upstream.fingerprint != recorded:
             return f"{artifact} was made from an older {name}"
-    # [prepare] is mostly given as flags of `grasp prepare`; corpus and tasks carry content digests instead.
-    checked = [name for name in sections if name != "prepare"]
-    now = {name: semantic_section(config, name) for name in checked}
-    before = {name: manifest.config.get(name, {}) for name in checked}
+    # [prepare] is partly given as flags of `grasp prepare`: RUN/config.toml records them, so
+    # a later stage (or status) compares the recorded corpus recipe with the config it runs
+    # with, and an edited [prepare] shows as a stale corpus.
+    now = {name: semantic_section(config, name) for name in sections}
+    before = {name: manifest.config.get(name, {}) for name in sections}
     if now != before:
         return f"{artifact} was made with another config ({_config_diff(before, now)})"
     return None

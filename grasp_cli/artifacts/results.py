@@ -1,8 +1,10 @@
 """Training results on disk: ``RUN/retrain/part-JJJJJJ.parquet`` and ``RUN/curation/part-*.parquet``.
 
 One part per job (a subset or selection trained with one seed), rows of
-``subset_id, role, task, metric, value, seed, steps, wall_s``: ``metric`` is ``loss`` (mean
-per-example task loss, nats) or ``accuracy`` (classifiers), ``value`` its measured value,
+``subset_id, role, task, metric, value, utility, seed, steps, wall_s``: ``metric`` is ``loss``
+(mean per-example task loss, nats per token for language models) or ``accuracy`` (classifiers,
+a fraction), ``value`` its measured value, ``utility`` the same measurement on the scale the
+surrogate predicts (higher is better: ``−value`` for a loss, ``value`` for an accuracy),
 ``role`` the subset's role (fit | eval | given) or the curation selection's name. Readers get
 every part verified against the digest its job recorded.
 """
@@ -26,6 +28,7 @@ RESULT_SCHEMA = pa.schema(
         ("task", pa.string()),
         ("metric", pa.string()),
         ("value", pa.float64()),
+        ("utility", pa.float64()),
         ("seed", pa.int64()),
         ("steps", pa.int64()),
         ("wall_s", pa.float64()),
@@ -49,6 +52,7 @@ def result_table(
             "task": task,
             "metric": metric,
             "value": float(value),
+            "utility": utility_of(metric, float(value)),
             "seed": seed,
             "steps": steps,
             "wall_s": wall_s,
@@ -57,6 +61,11 @@ def result_table(
         for metric, value in sorted(values.items())
     ]
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def utility_of(metric: str, value: float) -> float:
+    """A measurement on the utility scale (higher is better): −loss, or the accuracy as it is."""
+    return -value if metric == "loss" else value
 
 
 def read_results(folder: Path) -> pa.Table:
@@ -79,10 +88,11 @@ def read_results(folder: Path) -> pa.Table:
 def utilities(
     results: pa.Table, task_names: list[str], n_subsets: int, seed: int, metric: str = "loss"
 ) -> np.ndarray:
-    """``U`` ``[M, T]`` = −metric of each subset's run with ``seed`` (NaN where absent)."""
+    """``U`` ``[M, T]``: each subset's ``utility`` for ``metric`` in its run with ``seed`` (NaN
+    where absent); for the default ``loss`` that is −loss."""
     values = np.full((n_subsets, len(task_names)), np.nan)
     column = {name: t for t, name in enumerate(task_names)}
     for row in results.to_pylist():
         if row["metric"] == metric and row["seed"] == seed and row["task"] in column:
-            values[row["subset_id"], column[row["task"]]] = -row["value"]
+            values[row["subset_id"], column[row["task"]]] = row["utility"]
     return values

@@ -153,8 +153,8 @@ def run_report(ctx: StageContext) -> str:
                             (
                                 task,
                                 method,
-                                np.array([p["predicted"] for p in chosen]),
-                                np.array([p["measured"] for p in chosen]),
+                                np.array([p["predicted_utility"] for p in chosen]),
+                                np.array([p["measured_utility"] for p in chosen]),
                                 per_task.get((method, task), float("nan")),
                             )
                         )
@@ -258,7 +258,7 @@ def loop_rows(layout) -> list[dict]:
             for r in read_results(folder).to_pylist()
             if r["subset_id"] == 0 and r["metric"] == "loss"
         ]
-        measured = {r["task"]: -r["value"] for r in results}
+        measured = {r["task"]: r["utility"] for r in results}
         tasks = sorted(set(predicted) & set(measured))
         rows.append(
             {

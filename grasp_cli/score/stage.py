@@ -1,8 +1,10 @@
 """`grasp score`: predicted utility of subsets, and each example's marginal gain -> ``RUN/scores/``.
 
 Units: one per ``score.chunk_rows`` rows of examples (``examples/part-NNNNN.parquet`` with
-id, task, gain, alignment, redundancy) plus one for ``subsets.parquet`` (subset_id, role,
-size, task, predicted, alignment, penalty). Sharded through ``runner.run_units`` like every
+id, task, utility_gain, alignment, redundancy) plus one for ``subsets.parquet`` (subset_id,
+role, size, task, predicted_utility, alignment, redundancy). Everything is in utility units
+(−task loss; higher is better), with one sign convention: value = alignment − redundancy
+(+ the intercept for a subset's predicted utility). Sharded through ``runner.run_units`` like every
 heavy stage; a rerun only scores missing parts. The ``--subsets`` table is read and checked
 before anything is written, so a bad file never touches finished scores.
 """
@@ -53,6 +55,7 @@ def subset_predictions(
     """The surrogate's prediction for each subset, split into alignment and penalty."""
     features, _ = compute_subset_features(membership, row_blocks(phi), n_examples=n)
     terms = model.terms(features)
+    # One sign convention with the examples' table: utility = intercept + alignment − redundancy.
     predicted = terms["intercept"] + terms["alignment"] - terms["penalty"]
     tasks = model.task_names
     m = len(subset_ids)
@@ -62,9 +65,9 @@ def subset_predictions(
             "role": pa.array(np.repeat(roles, len(tasks)).tolist(), pa.string()),
             "size": pa.array(np.repeat(features.sizes.astype(np.int64), len(tasks)), pa.int64()),
             "task": pa.array(np.tile(np.array(tasks, dtype=object), m).tolist(), pa.string()),
-            "predicted": pa.array(predicted.reshape(-1)),
+            "predicted_utility": pa.array(predicted.reshape(-1)),
             "alignment": pa.array(terms["alignment"].reshape(-1)),
-            "penalty": pa.array(terms["penalty"].reshape(-1)),
+            "redundancy": pa.array(terms["penalty"].reshape(-1)),
         }
     )
 
@@ -79,7 +82,7 @@ def example_gain_table(model, block: np.ndarray, ids: np.ndarray, **reference) -
             "task": pa.array(
                 np.tile(np.array(tasks, dtype=object), len(ids)).tolist(), pa.string()
             ),
-            "gain": pa.array(gains.gain.reshape(-1)),
+            "utility_gain": pa.array(gains.gain.reshape(-1)),
             "alignment": pa.array(gains.alignment.reshape(-1)),
             "redundancy": pa.array(gains.redundancy.reshape(-1)),
         }

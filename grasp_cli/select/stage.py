@@ -257,12 +257,12 @@ def curation_selections(
                 inputs.codes, data.task_domains, budget, seed_of("curation-domain-match")
             )
         elif name == "regmix":
-            if "mixture_coef" not in stored.baselines or data is None:
+            if "regmix_coef" not in stored.baselines or data is None:
                 skipped[name] = "no fitted domain-mixture regression"
                 continue
             chosen[name], _ = picks.regmix_rows(
                 inputs.codes,
-                stored.baselines["mixture_coef"],
+                stored.baselines["regmix_coef"],
                 weights,
                 budget,
                 data.dirichlet_alpha,
@@ -363,7 +363,7 @@ def write_selection(folder: Path, inputs: SelectInputs, outputs: SelectOutputs) 
         {
             "id": pa.array(ids[rows], pa.int64()),
             "rank": pa.array(np.arange(1, len(rows) + 1), pa.int64()),
-            "gain": pa.array(np.asarray(outputs.selection.gains, dtype=np.float64)),
+            "objective_gain": pa.array(np.asarray(outputs.selection.gains, dtype=np.float64)),
             "domain": pa.array([names[c] for c in codes[rows]], pa.string()),
         }
     )

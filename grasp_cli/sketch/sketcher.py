@@ -91,7 +91,14 @@ class Sketcher:
     >>> r = sketcher.task_residual(task_batches)          # float32 [k]
     """
 
-    def __init__(self, bundle: ModelBundle, settings: Any, seed: int, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        settings: Any,
+        seed: int,
+        device: str = "cpu",
+        cache_bytes: int = 1 << 31,
+    ) -> None:
         section = settings if isinstance(settings, SketchSettings) else SketchSettings.of(settings)
         if section.projection not in KINDS:
             raise ConfigError(
@@ -133,14 +140,16 @@ class Sketcher:
         if kronecker:
             self.kronecker = KroneckerProjector(section.kron_dim, section.k, seed, self.device)
             self.projector: DenseProjector | SparseProjector = DenseProjector(
-                "gaussian", section.k, seed, self.device
+                "gaussian", section.k, seed, self.device, cache_bytes
             )
         elif self.kind == "sjlt":
             if section.sjlt_nnz <= 0:
                 raise ConfigError("sketch.sjlt_nnz must be positive")
-            self.projector = SparseProjector(section.k, section.sjlt_nnz, seed, self.device)
+            self.projector = SparseProjector(
+                section.k, section.sjlt_nnz, seed, self.device, cache_bytes
+            )
         else:
-            self.projector = DenseProjector(self.kind, section.k, seed, self.device)
+            self.projector = DenseProjector(self.kind, section.k, seed, self.device, cache_bytes)
         if not self.param_names:
             raise ConfigError("sketch.params selects no parameters")
 

@@ -107,8 +107,13 @@ def run_sketch(ctx: StageContext) -> str:
 
     from grasp_cli.sketch.sketcher import Sketcher, SketchSettings
 
+    cache_bytes = config.sketch.projection_cache_mb << 20
     sketcher = Sketcher(
-        bundle, SketchSettings.of(config.sketch), config.seed("sketch"), device=ctx.device
+        bundle,
+        SketchSettings.of(config.sketch),
+        config.seed("sketch"),
+        device=ctx.device,
+        cache_bytes=cache_bytes,
     )
     trak_k = config.sketch.trak_k
     featurizer = None
@@ -116,7 +121,12 @@ def run_sketch(ctx: StageContext) -> str:
         from grasp_cli.sketch.trak import TrakFeaturizer
 
         featurizer = TrakFeaturizer(
-            bundle, trak_k, config.seed("trak"), config.sketch.trak_params, device=ctx.device
+            bundle,
+            trak_k,
+            config.seed("trak"),
+            config.sketch.trak_params,
+            device=ctx.device,
+            cache_bytes=cache_bytes,
         )
     with_ref = trak_ref_enabled(config.sketch, bundle)
     n_rows, k = len(corpus), sketcher.k
@@ -137,7 +147,7 @@ def run_sketch(ctx: StageContext) -> str:
             chunks=(chunk, k),
             dtype=dtype,
             fill_value=0,
-            dimension_names=["row", "dim"],
+            dimension_names=["example", "dim"],
         )
         group.create_array(
             "train_ids",
@@ -145,7 +155,7 @@ def run_sketch(ctx: StageContext) -> str:
             chunks=(chunk,),
             dtype="int64",
             fill_value=-1,
-            dimension_names=["row"],
+            dimension_names=["example"],
         )
         group.create_array(
             "tasks",
@@ -167,7 +177,7 @@ def run_sketch(ctx: StageContext) -> str:
                 chunks=(chunk, trak_k),
                 dtype="float32",
                 fill_value=0,
-                dimension_names=["row", "trak_dim"],
+                dimension_names=["example", "trak_dim"],
             )
             group.create_array(
                 "trak_q",
@@ -175,7 +185,7 @@ def run_sketch(ctx: StageContext) -> str:
                 chunks=(chunk,),
                 dtype="float32",
                 fill_value=0,
-                dimension_names=["row"],
+                dimension_names=["example"],
             )
             group.create_array(
                 "trak_tasks",
@@ -192,7 +202,7 @@ def run_sketch(ctx: StageContext) -> str:
                 shape=(n_rows, width),
                 chunks=(chunk, width),
                 dtype="float64",
-                dimension_names=["row", "lambda_task"],
+                dimension_names=["example", "lambda_task"],
             )
             attrs["trak_ref"] = {"package": "traker", "k": trak_k, "rel_lambdas": ref_lambdas}
         group.attrs.update(attrs)

@@ -52,7 +52,7 @@ class TrakFeaturizer:
         seed: int,
         params: Iterable[str] = (),
         device: str = "cpu",
-        cache_bytes: int = 1 << 30,
+        cache_bytes: int = 1 << 31,
     ) -> None:
         if bundle.model_output is None:
             raise ConfigError(

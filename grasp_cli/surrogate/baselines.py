@@ -279,7 +279,7 @@ class DomainMixture:
     ``μ = λ · tr(P̃ᵀP̃) / D`` with ``P̃`` the centered fit proportions; free intercept.
     """
 
-    kind = "mixture"
+    kind = "regmix"
 
     def __init__(self, *, ridge: float = 1e-1) -> None:
         self.ridge = float(ridge)

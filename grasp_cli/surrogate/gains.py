@@ -4,12 +4,14 @@ With ``F_t(m) = c_t + ⟨v_t, m⟩ − ½ mᵀ B_t m`` (``v_t = a_t(r_t + Δ_t)`
 changing the aggregate from ``base`` to ``base + d`` changes the utility by
 
     gain = ⟨v_t, d⟩  −  b_t (baseᵀ G d + ½ dᵀ G d)
-         = alignment  +  redundancy
+         = alignment  −  redundancy
 
-``alignment`` is the change of the linear (residual-alignment) term, ``redundancy``
-the change of the quadratic penalty: negative when ``i`` points where ``R`` already
-is (redundant), less so or positive when it is complementary. They sum to the gain
-exactly; the intercept cancels.
+``alignment`` is the change of the linear (residual-alignment) term, ``redundancy`` the
+growth of the quadratic penalty it causes: positive when ``i`` points where ``R`` already
+is (redundant), smaller or negative when it is complementary. ``alignment − redundancy``
+is the gain exactly; the intercept cancels. All three are in utility units (−task loss,
+nats per token for language models), the same units as ``Û_t``; the same sign convention
+as a subset's ``predicted = intercept + alignment − redundancy``.
 
 Which ``base`` and ``d`` (``s_R = Σ_{j∈R} φ_j``, ``n = |R|``):
 
@@ -38,7 +40,7 @@ __all__ = ["ExampleGains", "example_gains", "surrogate_gains"]
 
 @dataclass
 class ExampleGains:
-    """``[b, T]`` arrays: gain = alignment + redundancy, per example and task."""
+    """``[b, T]`` arrays: gain = alignment − redundancy, per example and task (utility units)."""
 
     gain: np.ndarray
     alignment: np.ndarray
@@ -104,8 +106,8 @@ def example_gains(
     step_g = step @ metric
     interaction = np.einsum("ij,ij->i", base, step_g) + 0.5 * np.einsum("ij,ij->i", step, step_g)
     alignment = step @ v.T
-    redundancy = -interaction[:, None] * np.asarray(curvature, dtype=np.float64)[None, :]
-    return ExampleGains(gain=alignment + redundancy, alignment=alignment, redundancy=redundancy)
+    redundancy = interaction[:, None] * np.asarray(curvature, dtype=np.float64)[None, :]
+    return ExampleGains(gain=alignment - redundancy, alignment=alignment, redundancy=redundancy)
 
 
 def surrogate_gains(

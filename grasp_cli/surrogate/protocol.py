@@ -418,13 +418,13 @@ def baseline_specs(
         )
 
     if features_fit.domain_counts is None or features_fit.domain_counts.shape[1] < 2:
-        skipped["mixture"] = "needs domain labels with at least 2 domains"
+        skipped["regmix"] = "needs domain labels with at least 2 domains"
     elif not finite_ridges:
-        skipped["mixture"] = "surrogate.baseline_ridge_grid has no finite λ"
+        skipped["regmix"] = "surrogate.baseline_ridge_grid has no finite λ"
     else:
         specs.append(
             MethodSpec(
-                "mixture",
+                "regmix",
                 [{"ridge": r} for r in finite_ridges],
                 lambda c: DomainMixture(ridge=c["ridge"]),
                 by_k_ridge_agg,

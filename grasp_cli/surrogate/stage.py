@@ -227,8 +227,8 @@ def fit_surrogate(inputs: FitInputs, settings: Any, fold_seed: int, refit_seed: 
                         "role": str(inputs.roles[subset_id]),
                         "task": task,
                         "method": method,
-                        "predicted": float(predicted[position, t]),
-                        "measured": float(measured[subset_id, t]),
+                        "predicted_utility": float(predicted[position, t]),
+                        "measured_utility": float(measured[subset_id, t]),
                     }
                 )
     params = {
@@ -298,10 +298,10 @@ def baseline_arrays(
     (RegMix) and TRAK (top-B). Arrays for ``baselines.npz`` and their description."""
     arrays: dict[str, np.ndarray] = {}
     described: dict[str, Any] = {}
-    mixture = result.fits.get("mixture")
-    if mixture is not None:
-        arrays["mixture_coef"] = np.asarray(mixture.model.coef_)  # [D, T]
-        described["mixture"] = {"domains": features.domain_names, "ridge": mixture.model.ridge}
+    regmix = result.fits.get("regmix")
+    if regmix is not None:
+        arrays["regmix_coef"] = np.asarray(regmix.model.coef_)  # [D, T]
+        described["regmix"] = {"domains": features.domain_names, "ridge": regmix.model.ridge}
     trak = result.fits.get("trak")
     if trak is not None:
         arrays["trak_directions"] = np.asarray(trak.model.directions)  # [T, k']
@@ -316,13 +316,51 @@ def baseline_arrays(
     return arrays, described
 
 
+# lcb.parquet's columns with fixed types (a column that is null for some methods keeps its type).
+LCB_SCHEMA = pa.schema(
+    [
+        ("method", pa.string()),
+        ("n_fit", pa.int64()),
+        ("features", pa.string()),
+        ("k", pa.int64()),
+        ("alignment", pa.string()),
+        ("kernel_ridge", pa.float64()),
+        ("quadratic", pa.bool_()),
+        ("geometry", pa.string()),
+        ("ridge", pa.float64()),
+        ("aggregation", pa.string()),
+        ("variant", pa.int64()),
+        ("mean", pa.float64()),
+        ("lcb", pa.float64()),
+        ("n", pa.int64()),
+        ("failures", pa.int64()),
+        ("twin_gain", pa.float64()),
+        ("eligible", pa.bool_()),
+        ("chosen", pa.bool_()),
+    ]
+)
+
+
+def lcb_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """The LCB rows as a table of ``LCB_SCHEMA`` (integers stay integers)."""
+
+    def typed(row: dict[str, Any]) -> dict[str, Any]:
+        out = {name: row.get(name) for name in LCB_SCHEMA.names}
+        for name in ("k", "n_fit", "n", "failures", "variant"):
+            if out[name] is not None:
+                out[name] = int(out[name])
+        return out
+
+    return pa.Table.from_pylist([typed(r) for r in rows], schema=LCB_SCHEMA)
+
+
 def write_fit_outputs(folder: Path, outputs: FitOutputs) -> None:
     """The files of ``surrogate/`` (into a folder being built; the manifest comes after)."""
     (folder / "params.json").write_text(
         json.dumps(outputs.params, indent=2, default=str), encoding="utf-8"
     )
     save_arrays(folder / "model.npz", outputs.result.surrogate.to_arrays())
-    write_table(folder / "lcb.parquet", pa.Table.from_pylist(outputs.result.lcb_rows))
+    write_table(folder / "lcb.parquet", lcb_table(outputs.result.lcb_rows))
     write_table(folder / "evaluation.parquet", pa.Table.from_pylist(outputs.result.evaluation_rows))
     write_table(folder / "predictions.parquet", pa.Table.from_pylist(outputs.prediction_rows))
     if outputs.by_design:
@@ -415,8 +453,8 @@ def evaluation_by_design(
             per_task = []
             for task in task_names:
                 picked = [r for r in chosen if r["method"] == method and r["task"] == task]
-                predicted = np.array([r["predicted"] for r in picked])
-                measured = np.array([r["measured"] for r in picked])
+                predicted = np.array([r["predicted_utility"] for r in picked])
+                measured = np.array([r["measured_utility"] for r in picked])
                 per_task.append(float(spearman(predicted, measured)))
             rows.append(
                 {
