@@ -427,10 +427,12 @@ def test_prepare_killed_between_corpus_and_tasks_is_refused(base, tmp_path, monk
     )
     assert code == 130 and [Path(c).name for c in calls] == ["corpus", "tasks"]
     monkeypatch.setattr(prepare_stage, "replace_dir", original)
-    # the new corpus (docs + http held out) sits beside the old tasks (docs + email)
-    code, _, err = grasp("sketch", "-c", CONFIG, "--run", run)
+    # the new corpus (docs + http held out) sits beside the old tasks (docs + email); asked with
+    # the new corpus's own config, the pair check is what refuses
+    new = ("--set", 'prepare.holdout_domains=["docs", "http"]')
+    code, _, err = grasp("sketch", "-c", CONFIG, "--run", run, *new)
     assert code == 2 and "come from different `grasp prepare` runs" in one_line_error(err)
-    assert "different `grasp prepare` runs" in ok("status", "-c", CONFIG, "--run", run)
+    assert "different `grasp prepare` runs" in ok("status", "-c", CONFIG, "--run", run, *new)
     ok("prepare", "-c", CONFIG, "--run", run)
     assert "corpus     ok" in ok("status", "-c", CONFIG, "--run", run)
 

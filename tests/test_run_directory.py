@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+import tomllib
 import zarr
 
 import grasp_cli

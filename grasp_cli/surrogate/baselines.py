@@ -124,20 +124,29 @@ class TrakBaseline(_ScoreBaseline):
         ridge: float = 1e-3,
         aggregation: str = "mean",
         feature_set: str = "sketch",
+        direction_cache: dict | None = None,
     ) -> None:
-        """Store the hyperparameters; the kernel solve happens in ``fit``."""
+        """Store the hyperparameters; the kernel solve happens in ``fit`` (once per
+        ``(feature set, k', λ)`` when the candidates share a ``direction_cache``: it depends on
+        the corpus moments only, never on the fit subsets)."""
         self.residuals = np.atleast_2d(np.asarray(residuals, dtype=np.float64))
         self.moments = moments
         self.k_prime = int(self.residuals.shape[1] if k_prime is None else k_prime)
         self.ridge = float(ridge)
         self.aggregation = aggregation
         self.feature_set = feature_set
+        self.direction_cache = direction_cache
 
     def fit(self, features: SubsetFeatures, utilities: np.ndarray) -> TrakBaseline:
         if not 0 < self.k_prime <= min(self.residuals.shape[1], self.moments.k):
             raise ValueError(f"TRAK: sketch prefix k'={self.k_prime} is out of range")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {self.aggregation!r}")
+        key = ("trak", self.feature_set, self.k_prime, self.ridge)
+        cache = self.direction_cache
+        if cache is not None and key in cache:
+            self.directions = cache[key].copy()
+            return super().fit(features, utilities)
         r = self.residuals[:, : self.k_prime]
         if math.isinf(self.ridge):
             self.directions = r.copy()
@@ -145,6 +154,8 @@ class TrakBaseline(_ScoreBaseline):
             gram = self.moments.kernel_gram[: self.k_prime, : self.k_prime]
             penalty = self.ridge * float(np.trace(gram)) / self.k_prime
             self.directions = ridge_solve(gram, r.T, penalty).T  # [T, k']
+        if cache is not None:
+            cache[key] = self.directions.copy()
         return super().fit(features, utilities)
 
     def scores(self, features: SubsetFeatures) -> np.ndarray:

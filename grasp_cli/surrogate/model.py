@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from grasp_cli.surrogate.features import CorpusMoments, SubsetFeatures
-from grasp_cli.surrogate.geometry import geometry_matrix, sq_norm
+from grasp_cli.surrogate.geometry import geometry_matrix, is_diagonal, sq_norm
 
 __all__ = [
     "AGGREGATIONS",
@@ -375,7 +375,7 @@ class GraspSurrogate:
             return uc.T @ vc - pu.T @ (shrink[:, None] * pv)
 
         alignment_x = means @ self.directions_.T  # [n, T]
-        penalty_x = -0.5 * sq_norm(means, self.metric_)  # [n]
+        penalty_x = -0.5 * self._sq_norm(means)  # [n]
         self.intercepts_ = np.zeros(self.n_tasks)
         self.alignment_ = np.zeros(self.n_tasks)
         self.curvature_ = np.zeros(self.n_tasks)
@@ -419,8 +419,11 @@ class GraspSurrogate:
         self._check_fitted()
         means = np.atleast_2d(np.asarray(means, dtype=np.float64))
         linear = means @ self.linear_vectors.T
-        penalty = 0.5 * sq_norm(means, self.metric_)[:, None] * self.curvature_[None, :]
+        penalty = 0.5 * self._sq_norm(means)[:, None] * self.curvature_[None, :]
         return self.intercepts_[None, :] + linear - penalty
+
+    def _sq_norm(self, means: np.ndarray) -> np.ndarray:
+        return sq_norm(means, self.metric_, diagonal=is_diagonal(self.geometry))
 
     def predict(self, features: SubsetFeatures) -> np.ndarray:
         """Predicted utilities ``[M, T]`` for the subsets described by ``features``."""
@@ -433,7 +436,7 @@ class GraspSurrogate:
         return {
             "intercept": np.broadcast_to(self.intercepts_, (means.shape[0], self.n_tasks)).copy(),
             "alignment": means @ self.linear_vectors.T,
-            "penalty": 0.5 * sq_norm(means, self.metric_)[:, None] * self.curvature_[None, :],
+            "penalty": 0.5 * self._sq_norm(means)[:, None] * self.curvature_[None, :],
         }
 
     # ----------------------------------------------------------- serialization
@@ -527,4 +530,5 @@ class GraspSurrogate:
             alignment=self.alignment,
             feature_set=self.feature_set,
             kernel_ridge=self.kernel_ridge,
+            direction_cache=self.direction_cache,
         )

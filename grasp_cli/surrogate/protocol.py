@@ -351,6 +351,7 @@ def baseline_specs(
             dict.fromkeys(["sum", "mean"]),
         )
     ]
+    trak_cache: dict = {}
     specs.append(
         MethodSpec(
             "trak",
@@ -362,6 +363,7 @@ def baseline_specs(
                 ridge=c["ridge"],
                 aggregation=c["aggregation"],
                 feature_set=trak_set.name,
+                direction_cache=trak_cache,
             ),
             by_k_ridge_agg,
         )
