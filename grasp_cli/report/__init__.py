@@ -1,1 +1,1 @@
-"""`grasp report`: one HTML page with PNG plots of everything in a run."""
+"""`grasp report`: one self-contained HTML page (figures embedded) of everything in a run."""

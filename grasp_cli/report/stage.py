@@ -1,13 +1,20 @@
-"""Assemble ``RUN/report/index.html`` from the run's tables: evaluation, LCB, cost curve, curation."""
+"""`grasp report`: one self-contained ``RUN/report/index.html`` (figures embedded as PNG data
+URIs, inline style, no script) that can be mailed or attached to a ticket.
+
+read → compute → write: ``read_inputs`` gathers what the run has (only the surrogate is
+required; scores, selection, curation and the closed loop are shown when present),
+``render`` builds the page from those rows (``sections.py``, pure), ``run_report`` writes it
+atomically with its manifest. See ``sections.py`` for what each section shows and why.
+"""
 
 from __future__ import annotations
 
-import html
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.parquet as pq
 
 from grasp_cli.artifacts.atomic import artifact_dir
 from grasp_cli.artifacts.manifest import (
@@ -15,230 +22,232 @@ from grasp_cli.artifacts.manifest import (
     folder_digest,
     read_manifest,
     require,
+    staleness,
     write_manifest,
 )
 from grasp_cli.artifacts.tables import read_table
 from grasp_cli.context import StageContext
-from grasp_cli.report import plots
+from grasp_cli.report import html, plots, sections
+from grasp_cli.report.sections import ReportInputs
 
-ADDITIVE = ("additive", "trak", "cosine")
-
-
-def _table_html(rows: list[dict], columns: list[str], digits: int = 3) -> str:
-    def cell(value: object) -> str:
-        if value is None:
-            return "–"
-        if isinstance(value, float):
-            if value == float("inf"):
-                return "∞"
-            return "–" if not np.isfinite(value) else f"{value:.{digits}f}"
-        return html.escape(str(value))
-
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-LCB_ROWS_PER_METHOD = 8
-
-
-def lcb_summary(rows: list[dict], per_method: int) -> tuple[list[dict], int]:
-    """Each method's best ``per_method`` candidates (plus the chosen one) at its full n_fit."""
-    full_n: dict[str, int] = {}
-    for r in rows:
-        full_n[r["method"]] = max(full_n.get(r["method"], 0), r["n_fit"])
-    shown = []
-    for method in sorted(full_n):
-        ranked = sorted(
-            (r for r in rows if r["method"] == method and r["n_fit"] == full_n[method]),
-            key=lambda r: -r["lcb"],
-        )
-        top = ranked[:per_method]
-        top += [r for r in ranked[per_method:] if r.get("chosen")]
-        shown += top
-    return shown, len(rows)
-
-
-def evaluation_pivot(evaluation: pa.Table) -> tuple[list[dict], list[str]]:
-    """Rows per method (all fit subsets), a column per task with 'ρ [lo, hi]'."""
-    rows = [
-        r
-        for r in evaluation.to_pylist()
-        if r["n_fit"] == max(evaluation.column("n_fit").to_pylist()) or r["method"] != "grasp"
-    ]
-    full_n = {}
-    for r in rows:
-        full_n[r["method"]] = max(full_n.get(r["method"], 0), r["n_fit"])
-    rows = [r for r in rows if r["n_fit"] == full_n[r["method"]]]
-    tasks = sorted({r["task"] for r in rows if r["task"] != "mean"}) + ["mean"]
-    table: dict[str, dict] = {}
-    for r in rows:
-        entry = table.setdefault(r["method"], {"method": r["method"]})
-        entry[r["task"]] = f"{r['spearman']:.3f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
-        if r["task"] == "mean":
-            entry["_sort"] = r["spearman"]
-    ordered = sorted(table.values(), key=lambda e: -np.nan_to_num(e.get("_sort", -2), nan=-2))
-    return ordered, ["method", *tasks]
+TOP_EXAMPLES = 10  # per task
+TOP_SELECTED = 10
+GAIN_COLUMNS = ["id", "task", "utility_gain", "alignment", "redundancy"]
+BYTE_PAD_ID = 256  # grasp's byte corpus (models.transformer.PAD_ID, not imported: torch)
 
 
 def run_report(ctx: StageContext) -> str:
     layout = ctx.layout
     require(layout, "surrogate", ctx.config, force=True, check_config=False)
-    surrogate = layout.surrogate
-    evaluation = read_table(surrogate / "evaluation.parquet")
-    lcb = read_table(surrogate / "lcb.parquet")
-    params = json.loads((surrogate / "params.json").read_text())
-    noise = params.get("noise", {})
-    ceiling = noise.get("ceiling")
-    have_plots = plots.available()
-    sections: list[str] = []
-
+    inputs = read_inputs(ctx)
+    page = render(inputs, plots.available())
     with artifact_dir(layout.report) as out:
-        pivot, columns = evaluation_pivot(evaluation)
-        mean_rows = [r for r in evaluation.to_pylist() if r["task"] == "mean"]
-        full = {}
-        for r in mean_rows:
-            if r["method"] not in full or r["n_fit"] > full[r["method"]]["n_fit"]:
-                full[r["method"]] = r
-        sections.append(
-            "<h2>Held-out evaluation</h2><p>Spearman correlation between predicted and measured "
-            "utility (−task loss) across held-out <code>eval</code> subsets that no fitting or "
-            "tuning step saw; 95 % bootstrap intervals. The mean over tasks is the task-level "
-            "rank correlation for counterfactual subset fidelity.</p>"
-        )
-        if noise:
-            sections.append(
-                f"<p><b>Noise ceiling:</b> seed-to-seed Spearman ρ = {noise.get('mean', float('nan')):.3f} over "
-                f"{noise.get('n_subsets', 0)} subsets retrained with a second seed, so a predictor of the "
-                f"expected utility can reach at most about √ρ = {ceiling:.3f} against one measurement.</p>"
-                if ceiling is not None
-                else "<p>Noise ceiling: not measured (retrain.repeat_subsets = 0).</p>"
-            )
-        sections.append(_table_html(pivot, columns))
-        if have_plots:
-            plots.method_comparison(list(full.values()), out / "methods.png", ceiling)
-            sections.append('<img src="methods.png" alt="method comparison">')
-
-        predictions_path = surrogate / "predictions.parquet"
-        if have_plots and predictions_path.exists():
-            predictions = read_table(predictions_path).to_pylist()
-            best_additive = max(
-                (m for m in full if m in ADDITIVE or m.startswith(ADDITIVE)),
-                key=lambda m: np.nan_to_num(full[m]["spearman"], nan=-2),
-                default=None,
-            )
-            best_other = max(
-                (m for m in full if m not in ("grasp", "constant")),
-                key=lambda m: np.nan_to_num(full[m]["spearman"], nan=-2),
-                default=None,
-            )
-            shown = [m for m in dict.fromkeys(["grasp", best_other, best_additive]) if m]
-            panels = []
-            per_task = {
-                (r["method"], r["task"]): r["spearman"]
-                for r in evaluation.to_pylist()
-                if r["n_fit"] == full.get(r["method"], {}).get("n_fit")
-            }
-            for method in shown:
-                for task in sorted({p["task"] for p in predictions}):
-                    chosen = [
-                        p
-                        for p in predictions
-                        if p["method"] == method and p["task"] == task and p["role"] == "eval"
-                    ]
-                    if chosen:
-                        panels.append(
-                            (
-                                task,
-                                method,
-                                np.array([p["predicted_utility"] for p in chosen]),
-                                np.array([p["measured_utility"] for p in chosen]),
-                                per_task.get((method, task), float("nan")),
-                            )
-                        )
-            if panels:
-                plots.predicted_vs_measured(panels, out / "scatter.png")
-                sections.append(
-                    "<h3>Predicted against measured (eval subsets)</h3>"
-                    '<img src="scatter.png" alt="predicted vs measured">'
-                )
-
-        by_design_path = surrogate / "evaluation_by_design.parquet"
-        if by_design_path.exists():
-            by_design = read_table(by_design_path).to_pylist()
-            designs = sorted({r["design"] for r in by_design})
-            table = {}
-            for r in by_design:
-                table.setdefault(r["method"], {"method": r["method"]})[r["design"]] = r["spearman"]
-            counts = {r["design"]: r["n_eval"] for r in by_design}
-            sections.append(
-                "<h3>By subset design</h3><p>Mean Spearman over tasks on the eval subsets of each design "
-                "("
-                + ", ".join(f"{d}: {counts[d]} subsets" for d in designs)
-                + "). Mixture subsets "
-                "vary the domain mix; <code>within</code> subsets have one size and the corpus's domain "
-                "proportions, so only example-level information can rank them.</p>"
-            )
-            sections.append(
-                _table_html(sorted(table.values(), key=lambda e: e["method"]), ["method", *designs])
-            )
-
-        grasp_curve = [
-            (r["n_fit"], r["spearman"], r["ci_low"], r["ci_high"])
-            for r in mean_rows
-            if r["method"] == "grasp"
-        ]
-        sections.append(
-            "<h2>Artifact cost</h2><p>GRASP's held-out fidelity against the number of "
-            "retraining runs it was fitted on (the LCB protocol rerun on each prefix).</p>"
-        )
-        sections.append(
-            _table_html(
-                [
-                    {"n_fit": p[0], "spearman": p[1], "ci_low": p[2], "ci_high": p[3]}
-                    for p in sorted(grasp_curve)
-                ],
-                ["n_fit", "spearman", "ci_low", "ci_high"],
-            )
-        )
-        if have_plots and grasp_curve:
-            additive = [full[m]["spearman"] for m in full if m.startswith(ADDITIVE)]
-            plots.cost_curve(grasp_curve, out / "cost.png", max(additive) if additive else None)
-            sections.append('<img src="cost.png" alt="cost curve">')
-
-        lcb_rows, lcb_total = lcb_summary(lcb.to_pylist(), LCB_ROWS_PER_METHOD)
-        lcb_columns = [c for c in lcb.column_names if c not in ("values",)]
-        sections.append(
-            "<h2>Strictly finite LCB protocol</h2><p>Candidates scored by repeated K-fold "
-            "cross-validation on fit subsets only; the highest lower confidence bound wins. Shown: "
-            f"the best {LCB_ROWS_PER_METHOD} of each method on all fit subsets (and the chosen one); "
-            f"all {lcb_total} rows, cost-curve refits included, are in <code>surrogate/lcb.parquet</code>.</p>"
-        )
-        sections.append(_table_html(lcb_rows, lcb_columns))
-
-        sections.append(_selection_section(ctx, out, have_plots))
-        manifest = read_manifest(layout.corpus)
-        header = (
-            f"<p>Run <code>{html.escape(str(layout.root))}</code> · corpus {manifest.extra.get('rows')} "
-            f"rows · generated by grasp {manifest.package_version}</p>"
-            if manifest
-            else ""
-        )
-        page = _PAGE.format(
-            body=header + "\n".join(sections),
-            params=html.escape(
-                json.dumps(
-                    {k: v for k, v in params.items() if k != "tasks"}, indent=2, default=str
-                )[:20000]
-            ),
-        )
         (out / "index.html").write_text(page, encoding="utf-8")
         write_manifest(
             out, build_manifest(layout, "report", ctx.config, content=folder_digest(out))
         )
     return f"report: {layout.report / 'index.html'}"
+
+
+# ---------------------------------------------------------------- compute: the page
+
+
+def render(inputs: ReportInputs, have_plots: bool) -> str:
+    """The whole HTML document of ``inputs`` (figures only when matplotlib is available)."""
+    verdict = sections.verdict(inputs.evaluation, inputs.comparison)
+    ranked = sections.ranked_methods(sections.full_fit(inputs.evaluation))
+    methods = sorted(ranked, key=lambda m: m != "grasp")  # GRASP first, then by rank
+    selections = sorted(
+        {r["role"] for r in inputs.curation_results}, key=lambda s: (s != "grasp", s)
+    )
+    notes = list(inputs.notes)
+    if not have_plots:
+        notes.append("matplotlib is not installed: no figures (pip install 'grasp-cli[report]').")
+    header = sections.header_html(inputs, verdict, notes)
+    blocks: list[tuple[str, str, str]] = [
+        ("glossary", "Glossary", sections.glossary(methods, selections)),
+        ("evaluation", "Held-out evaluation", sections.evaluation_html(inputs, have_plots)),
+        ("cost", "Artifact cost", sections.cost_html(inputs, have_plots)),
+        ("selection", "Selection", sections.selection_html(inputs, have_plots)),
+    ]
+    if inputs.curation_results:
+        blocks.append(("curation", "Curation check", sections.curation_html(inputs, have_plots)))
+    if inputs.loop:
+        blocks.append(("loop", "Closed loop", sections.loop_html(inputs.loop)))
+    blocks.append(("lcb", "Strictly finite LCB protocol", sections.lcb_html(inputs)))
+    blocks.append(("params", "Raw parameters", sections.raw_params_html(inputs.params)))
+    blocks = [b for b in blocks if b[2]]
+    body = "\n".join(html.section(anchor, title, text) for anchor, title, text in blocks)
+    return html.page("grasp report", header, [(anchor, title) for anchor, title, _ in blocks], body)
+
+
+# ---------------------------------------------------------------- read: the run's tables
+
+
+def _complete(folder: Path) -> bool:
+    manifest = read_manifest(folder)
+    return manifest is not None and manifest.complete
+
+
+def read_inputs(ctx: StageContext) -> ReportInputs:
+    """What the page needs from the run; optional artifacts are read only when complete, and
+    one made from older inputs or another config is shown with a note saying so."""
+    layout = ctx.layout
+    inputs = read_surrogate(layout.surrogate)
+    inputs.run = str(layout.root)
+    inputs.model_kind = ctx.config.model.kind
+    inputs.score_reference = ctx.config.score.reference
+    if inputs.predictions:
+        inputs.designs = subset_designs(layout.subsets)
+    present = [a for a in ("scores", "selection", "curation") if _complete(layout.path(a))]
+    for artifact in ["surrogate", *present]:
+        reason = staleness(layout, artifact, ctx.config)
+        if reason:
+            inputs.notes.append(f"Stale: {reason} (shown anyway).")
+
+    corpus = read_manifest(layout.corpus)
+    domain_of: dict[int, str] = {}
+    if corpus is not None and corpus.complete:
+        inputs.package_version = corpus.package_version
+        inputs.corpus_rows = corpus.extra.get("rows")
+        domain_of = corpus_domains(layout.corpus)
+        inputs.corpus_domains = dict(Counter(domain_of.values()))
+        inputs.text = "tokens" in pq.read_schema(_shards(layout.corpus)[0]).names
+    if "scores" in present:
+        inputs.top_examples = top_gains(layout.scores / "examples", TOP_EXAMPLES)
+    if "selection" in present:
+        read_selection(layout.selection, domain_of, inputs)
+    shown = [*inputs.selected, *(r for rows in inputs.top_examples.values() for r in rows)]
+    found = (
+        corpus_details(
+            layout.corpus, {r["id"] for r in shown}, inputs.text, _byte_level(corpus.extra)
+        )
+        if shown and domain_of
+        else {}
+    )
+    for row in shown:
+        row.setdefault("domain", domain_of.get(row["id"], "?"))
+        row.update(found.get(row["id"], {"doc": None, "snippet": None}))
+
+    if "curation" in present:
+        from grasp_cli.artifacts.results import read_results
+
+        inputs.curation_results = read_results(layout.curation).to_pylist()
+    inputs.loop = loop_rows(layout)
+    return inputs
+
+
+def read_surrogate(folder: Path) -> ReportInputs:
+    """The surrogate's tables (evaluation, LCB, params; comparison, by-design and eval-subset
+    predictions when present) as a ``ReportInputs`` with nothing else filled in."""
+    lcb = read_table(folder / "lcb.parquet")
+    inputs = ReportInputs(
+        run=str(folder.parent),
+        evaluation=read_table(folder / "evaluation.parquet").to_pylist(),
+        lcb=lcb.to_pylist(),
+        lcb_columns=[c for c in lcb.column_names if c != "values"],
+        params=json.loads((folder / "params.json").read_text(encoding="utf-8")),
+    )
+    optional = {"comparison": "comparison", "evaluation_by_design": "by_design"}
+    for name, target in optional.items():
+        if (folder / f"{name}.parquet").is_file():
+            setattr(inputs, target, read_table(folder / f"{name}.parquet").to_pylist())
+    if (folder / "predictions.parquet").is_file():
+        predictions = read_table(folder / "predictions.parquet").to_pylist()
+        inputs.predictions = [r for r in predictions if r["role"] == "eval"]
+    return inputs
+
+
+def read_selection(folder: Path, domain_of: dict[int, str], inputs: ReportInputs) -> None:
+    """The selection's domain counts and first rows, every other curation selection's domain
+    counts (``domain_of``: corpus id -> domain), and the curation selections skipped."""
+    selected = read_table(folder / "selected.parquet")
+    inputs.selection_domains["selection"] = dict(Counter(selected.column("domain").to_pylist()))
+    inputs.selected = sorted(selected.to_pylist(), key=lambda r: r["rank"])[:TOP_SELECTED]
+    if (folder / "curation.parquet").is_file() and domain_of:
+        for name, ids in _ids_by_selection(read_table(folder / "curation.parquet")).items():
+            if name not in ("grasp", "whole"):
+                inputs.selection_domains[name] = dict(Counter(domain_of.get(i, "?") for i in ids))
+    skipped = read_manifest(folder).extra.get("curation_skipped") or {}
+    for name, why in skipped.items():
+        inputs.notes.append(f"Curation selection {name} skipped: {why}")
+
+
+def _shards(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("part-*.parquet"))
+
+
+def _byte_level(extra: dict) -> bool:
+    """Whether the corpus holds grasp's byte tokens (pad 256) rather than a tokenizer's ids."""
+    return int(extra.get("pad_id", BYTE_PAD_ID)) == BYTE_PAD_ID and not extra.get("tokenizer")
+
+
+def _ids_by_selection(table) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for name, id_ in zip(
+        table.column("selection").to_pylist(), table.column("id").to_pylist(), strict=True
+    ):
+        out.setdefault(name, []).append(id_)
+    return out
+
+
+def subset_designs(path: Path) -> dict[int, str]:
+    """subset_id -> design, from ``subsets.zarr`` (empty when it is absent)."""
+    if not Path(path).is_dir():
+        return {}
+    from grasp_cli.artifacts.zarr_io import open_group_read
+
+    group = open_group_read(path, "retrain-subsets")
+    return {i: str(d) for i, d in enumerate(group["design"][:])}
+
+
+def corpus_domains(folder: Path) -> dict[int, str]:
+    """id -> domain of every corpus row (two small columns, never the tokens)."""
+    out: dict[int, str] = {}
+    for path in _shards(folder):
+        table = pq.read_table(path, columns=["id", "domain"])
+        out.update(
+            zip(table.column("id").to_pylist(), table.column("domain").to_pylist(), strict=True)
+        )
+    return out
+
+
+def corpus_details(folder: Path, ids: set[int], text: bool, byte_level: bool) -> dict[int, dict]:
+    """id -> {doc, snippet} for ``ids`` only (row groups filtered by id; tokens read only for a
+    text corpus). ``snippet``: the row's first characters for grasp's byte corpus, the first
+    token ids for a tokenizer's corpus, None for images."""
+    out: dict[int, dict] = {}
+    wanted = sorted(ids)
+    for path in _shards(folder):
+        names = pq.read_schema(path).names
+        columns = ["id", *(c for c in ("doc", "tokens") if c in names and (text or c != "tokens"))]
+        table = pq.read_table(path, columns=columns, filters=[("id", "in", wanted)])
+        for row in table.to_pylist():
+            tokens = row.get("tokens")
+            snippet = None
+            if tokens is not None:
+                snippet = (
+                    sections.byte_snippet(tokens)
+                    if byte_level
+                    else "token ids " + " ".join(map(str, tokens[:24])) + " …"
+                )
+            out[row["id"]] = {"doc": row.get("doc"), "snippet": snippet}
+    return out
+
+
+def top_gains(folder: Path, n: int) -> dict[str, list[dict]]:
+    """task -> the ``n`` examples with the largest utility_gain, streamed part by part (only
+    each part's top ``n`` per task is kept)."""
+    candidates: list[dict] = []
+    for path in _shards(folder):
+        table = pq.read_table(path, columns=GAIN_COLUMNS)
+        tasks = np.array(table.column("task").to_pylist())
+        gain = table.column("utility_gain").to_numpy()
+        for task in np.unique(tasks):
+            rows = np.flatnonzero(tasks == task)
+            best = rows[np.argsort(-np.nan_to_num(gain[rows], nan=-np.inf), kind="stable")[:n]]
+            candidates += table.take(best).to_pylist()
+    return sections.top_by_task(candidates, n)
 
 
 def loop_rows(layout) -> list[dict]:
@@ -272,84 +281,3 @@ def loop_rows(layout) -> list[dict]:
         )
         rows[-1]["gap"] = rows[-1]["predicted"] - rows[-1]["measured"]
     return rows
-
-
-def _selection_section(ctx: StageContext, out: Path, have_plots: bool) -> str:
-    layout = ctx.layout
-    parts = []
-    selected_path = layout.selection / "selected.parquet"
-    if selected_path.exists():
-        selected = read_table(selected_path)
-        domains = selected.column("domain").to_pylist()
-        counts = {d: domains.count(d) for d in sorted(set(domains))}
-        parts.append(
-            f"<h2>Selection</h2><p>{len(domains)} examples selected. Domain mix: "
-            + ", ".join(f"{html.escape(d)} {c}" for d, c in counts.items())
-            + "</p>"
-        )
-    rounds = loop_rows(layout)
-    if rounds:
-        parts.append(
-            "<h2>Closed loop</h2><p>Each round measured the selection of the moment and subsets "
-            "near it, then refit the surrogate on them (fit subsets only) and selected again. "
-            "<b>predicted</b>: the surrogate's utility of the proposal when it was made; "
-            "<b>measured</b>: training on it (mean over tasks of −loss, nats). A positive gap is "
-            "the optimizer's curse; later rounds should shrink it.</p>"
-        )
-        parts.append(_table_html(rounds, ["round", "subsets", "predicted", "measured", "gap"], 4))
-    curation = read_manifest(layout.curation)
-    if curation is not None and curation.complete:
-        from grasp_cli.artifacts.results import read_results
-        from grasp_cli.select.outcomes import summarize
-
-        summary, differences = summarize(read_results(layout.curation).to_pylist())
-        tasks = sorted({r["task"] for r in summary if r["task"] != "mean"})
-        table: dict[str, dict] = {}
-        for r in summary:
-            table.setdefault(r["selection"], {"selection": r["selection"]})[r["task"]] = (
-                f"{r['loss']:.4f} ± {r['std']:.4f}"
-            )
-        seeds = max((r["seeds"] for r in summary), default=0)
-        parts.append(
-            "<h2>Curation check</h2><p>Measured task loss (nats, lower is better) after training "
-            f"with the retrain recipe on each selection of the same size; mean ± std over {seeds} "
-            "seed(s), the same seeds for every selection (<code>whole</code>: the whole corpus, "
-            "a reference line, not the same budget).</p>"
-        )
-        ordered = sorted(table.values(), key=lambda e: e["selection"] != "grasp")
-        parts.append(_table_html(ordered, ["selection", *tasks, "mean"], digits=4))
-        if differences:
-            parts.append(
-                "<h3>GRASP − each other selection</h3><p>Difference of mean task loss, paired by "
-                "seed, with a 95 % t interval over seeds (negative: GRASP's selection trained the "
-                "better model; an interval that contains 0 is not a difference beyond seed "
-                "noise). <b>best</b> marks the strongest other selection.</p>"
-            )
-            parts.append(
-                _table_html(
-                    differences,
-                    ["baseline", "difference", "ci_low", "ci_high", "seeds", "best"],
-                    digits=4,
-                )
-            )
-            if have_plots:
-                plots.curation_differences(differences, out / "curation.png")
-                parts.append('<img src="curation.png" alt="curation differences">')
-    return "\n".join(parts)
-
-
-_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>grasp report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: 13px; }}
-th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
-th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; }}
-img {{ max-width: 100%; display: block; margin: 1em 0; }}
-pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 12px; }}
-</style></head><body>
-<h1>grasp report</h1>
-{body}
-<h2>Chosen surrogate</h2><pre>{params}</pre>
-</body></html>
-"""
