@@ -17,7 +17,8 @@ import zarr
 from grasp_cli.cli import main
 
 TINY = Path(__file__).with_name("tiny.toml")
-RESULT_KEYS = ["subset_id", "role", "task", "metric", "value", "utility", "seed", "steps"]  # not wall_s
+# every result column but wall_s (the one non-deterministic column)
+RESULT_KEYS = ["subset_id", "role", "task", "metric", "value", "utility", "seed", "steps"]
 
 ENGLISH = (
     "The quick brown fox jumps over the lazy dog while the river keeps flowing to the sea. "
