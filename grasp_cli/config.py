@@ -228,8 +228,9 @@ class LoopSection:
 @dataclass
 class SurrogateSection:
     k_grid: list[int] = _f(
-        [32, 128],
-        "Feature prefix dims k' tried by the LCB protocol (each set also tries its whole k).",
+        [],
+        "Feature prefix dims k' tried by the LCB protocol besides each set's whole k (a prefix "
+        "is a noisier JL sketch; smaller ones only help when fit subsets are very few).",
     )
     feature_grid: list[str] = _f(
         ["sketch", "trak"],
@@ -237,7 +238,7 @@ class SurrogateSection:
         "Q-weighted output gradients; needs sketch.trak_k > 0).",
     )
     alignment_grid: list[str] = _f(
-        ["plain", "natural", "kernel"],
+        ["natural", "kernel"],
         "Task direction of the alignment term: 'plain' (the task gradient g_t), 'natural' "
         "((C+εI)⁻¹ g_t, C = ΦᵀΦ/N), 'kernel' (TRAK's (K+λI)⁻¹ g_t, λ from kernel_ridge_grid).",
     )
@@ -250,12 +251,14 @@ class SurrogateSection:
         "models (TRAK among them) and the protocol keeps the term only where it earns its place.",
     )
     geometry_grid: list[str] = _f(
-        ["identity", "diagonal"], "Geometries G: identity, diagonal, whitened."
+        ["identity", "whitened"], "Geometries G: identity, diagonal, whitened."
     )
     ridge_grid: list[float] = _f(
-        [1.0, float("inf")], "Residual-correction ridge λ (inf = no correction)."
+        [10.0, float("inf")], "Residual-correction ridge λ (inf = no correction)."
     )
-    aggregation_grid: list[str] = _f(["mean"], "Subset aggregation: 'mean' and/or 'sum'.")
+    aggregation_grid: list[str] = _f(
+        ["mean", "sum"], "Subset aggregation: 'mean' (m_S = mean φ) and/or 'sum' (TRAK's)."
+    )
     folds: int = _f(5, "K in repeated K-fold cross-validation.")
     repeats: int = _f(2, "Repeats of K-fold.")
     delta: float = _f(0.1, "Failure probability of the lower confidence bound.")
