@@ -2,8 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from grasp_cli.config import describe, load_config, sections_hash
+from grasp_cli.config import describe, load_config, sections_hash, to_toml
 from grasp_cli.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,3 +68,27 @@ def test_describe_lists_every_section():
     text = describe(load_config(None))
     for section in ("[run]", "[prepare]", "[sketch]", "[retrain]", "[surrogate]", "[select]"):
         assert section in text
+
+
+# ---------------------------------------------------------------- shipped recipes
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
+def test_every_shipped_recipe_loads_and_validates(name):
+    config = load_config(CONFIGS / name)
+    assert to_toml(config)  # and writes back as TOML
+
+
+def test_small_recipe_runs_on_user_documents_with_given_tasks(text_corpus, tmp_path):
+    """configs/small.toml names no demo domain: it prepares a user's own files with --task."""
+    from tests.conftest import grasp_ok
+
+    task = tmp_path / "qa.jsonl"
+    task.write_text('{"text": "What is the capital of France? Paris is."}\n' * 3)
+    run = tmp_path / "run"
+    out = grasp_ok(
+        "prepare", text_corpus, "--task", f"qa={task}", "--run", run, "-c", CONFIGS / "small.toml"
+    )
+    assert "qa" in out and (run / "tasks" / "qa.parquet").is_file()
+    dry_run = grasp_ok("sketch", "--run", run, "-c", CONFIGS / "small.toml", "--dry-run")
+    assert 'projection = "gaussian"' in dry_run

@@ -9,7 +9,10 @@ traker's ``AbstractModelOutput`` interface, so both implementations score the sa
 
 ``λ`` is re-finalized for each value of a grid relative to ``tr(ΦᵀΦ)/k`` (traker's own
 ``lambda_reg``; 0 is its default), so the λ of ``trak-ref`` is chosen on fit subsets exactly
-like ours. ``projector``: traker's ``BasicProjector`` by default; a test passes grasp's own
+like ours. ``projector``: traker's ``BasicProjector`` by default — built here with one block of
+all ``k`` columns when the ``[D, k]`` matrix fits in ``cache_bytes``, so it is drawn once rather
+than regenerated in 100-column blocks for every batch (traker's CPU default; the same class and
+distribution, hundreds of times less random-number generation); a test passes grasp's own
 projection to pin that the two implementations agree to float precision.
 
 Work-around: traker 0.3.2's ``BasicProjector.free_memory`` deletes the projection matrix and
@@ -78,11 +81,19 @@ def trak_reference(
     device: str = "cpu",
     scratch: Path | None = None,
     projector: Any = None,
+    cache_bytes: int = 1 << 31,
 ) -> dict[str, np.ndarray]:
     """``{"scores": [L, N, T], "q": [N], "abs_lambdas": [L]}`` from ``traker`` (tasks sorted)."""
     trak, _ = _traker()
     model = bundle.module.to(device).eval()
     model.load_state_dict(state)
+    grad_dim = sum(p.numel() for p in model.parameters())
+    if projector is None and grad_dim * k * 4 <= cache_bytes:
+        from trak.projectors import BasicProjector, ProjectionType
+
+        projector = BasicProjector(
+            grad_dim, k, seed, ProjectionType.normal, torch.device(device), block_size=k
+        )
     names = sorted(task_batches)
     keys: list[str] | None = None
     with tempfile.TemporaryDirectory(dir=scratch) as folder, quiet_stderr():

@@ -302,6 +302,7 @@ def trak_ref_scores(
         seed=config.seed("trak-ref") % (2**31),
         device=ctx.device,
         scratch=layout.root,
+        cache_bytes=config.sketch.projection_cache_mb << 20,
     )
     scores = result["scores"]  # [L, N, T]
     group["trak_ref_scores"][:] = scores.transpose(1, 0, 2).reshape(scores.shape[1], -1)
