@@ -71,6 +71,7 @@ def run_units(
     weight: Callable[[int], float] = lambda unit: 1.0,
     unit_name: str = "units",
     folder: Path | None = None,
+    cost: Callable[[int], float] | None = None,
 ) -> UnitReport:
     """Run this shard's unfinished units of ``artifact`` through ``work``; see the module doc.
 
@@ -79,7 +80,9 @@ def run_units(
     with ``limit`` (so that ``--limit`` keeps subset designs in proportion; a whole call goes in
     unit order); ``weight(unit)`` is what progress
     counts for a unit (rows for sketch chunks, 1 for a training run). ``folder`` overrides
-    where the artifact lives (a round of the closed loop, ``RUN/loop/round-RRR``).
+    where the artifact lives (a round of the closed loop, ``RUN/loop/round-RRR``). ``cost(unit)``
+    estimates a unit's work so shards split it evenly (``shards.owned_units``); by default each
+    unit counts the same.
     """
     manifest = open_sharded(
         ctx.layout,
@@ -94,7 +97,8 @@ def run_units(
     )
     folder = ctx.layout.path(artifact) if folder is None else Path(folder)
     markers = UnitMarkers(folder)
-    owned = owned_units(n_units, ctx.shard)
+    costs = None if cost is None else [float(cost(u)) for u in range(n_units)]
+    owned = owned_units(n_units, ctx.shard, costs)
     todo = [u for u in owned if ctx.force or not markers.is_done(u)]
     if limit is not None:  # a partial call takes the units ``order`` ranks first
         if order is not None:

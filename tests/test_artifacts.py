@@ -166,3 +166,17 @@ def test_open_sharded_reuses_matching_plan_and_replaces_stale_one(tmp_path):
         open_sharded(*ctx(changed, 0), "scores", skeleton, units=3).fingerprint == new.fingerprint
     )
     assert (tmp_path / "scores" / "payload.txt").read_text() == "shard 1 wrote this"
+
+
+def test_cost_balanced_shards_are_contiguous_cover_every_unit_and_split_the_cost():
+    costs = [512.0] * 4 + [352.0, 2048.0, 3424.0]  # sketch: row chunks, the task unit, traker
+    for count in (1, 2, 3, 4, 7, 9):
+        owned = [list(owned_units(len(costs), ShardSpec(i, count), costs)) for i in range(count)]
+        assert [u for run in owned for u in run] == list(range(len(costs)))  # contiguous, once
+    two = [sum(costs[u] for u in owned_units(len(costs), ShardSpec(i, 2), costs)) for i in (0, 1)]
+    even = [sum(costs[u] for u in owned_units(len(costs), ShardSpec(i, 2))) for i in (0, 1)]
+    # the expensive last units no longer land on one shard: the larger share shrinks
+    assert max(two) < max(even)
+    assert max(two) <= sum(costs) / 2 + max(costs) / 2
+    with pytest.raises(ValueError):
+        owned_units(3, ShardSpec(0, 2), [1.0, -1.0, 1.0])

@@ -32,6 +32,7 @@ from grasp_cli.artifacts.layout import RunLayout
 from grasp_cli.artifacts.manifest import read_manifest
 from grasp_cli.artifacts.shards import ShardSpec, owned_units
 from grasp_cli.cli import main
+from grasp_cli.sketch.stage import unit_costs
 from tests.conftest import copy_run, result_rows
 from tests.slurm_cluster import LocalCluster, ensure_slurm
 
@@ -231,9 +232,9 @@ def logs(run: Path, name: str, job_id: str) -> list[str]:
     return [(run / "logs" / f"{name}-{job_id}_{task}.out").read_text() for task in range(SHARDS)]
 
 
-def shard_units(units: int) -> list[range]:
+def shard_units(units: int, costs: list[float] | None = None) -> list[range]:
     """The units each of the SHARDS array tasks owns."""
-    return [owned_units(units, ShardSpec(index, SHARDS)) for index in range(SHARDS)]
+    return [owned_units(units, ShardSpec(index, SHARDS), costs) for index in range(SHARDS)]
 
 
 def counts(pattern: str, texts: list[str]) -> list[int]:
@@ -373,10 +374,19 @@ def test_submitted_pipeline_completes_and_arrays_equal_one_process(
 
     # The work really was split: the reference job sketched shard 0 (so array task 0 found
     # nothing left), tasks 1 and 2 their own rows; each retrain task trained its own runs.
-    n_chunks = -(-N_ROWS // CHUNK_ROWS)  # + 1 unit for the task residuals
+    # Units are split by their cost in gradient passes (row chunks, the task unit, traker's).
+    n_chunks = -(-N_ROWS // CHUNK_ROWS)
+    sketches = zarr.open_group(str(run / "sketches.zarr"), mode="r")
+    costs = unit_costs(
+        N_ROWS,
+        CHUNK_ROWS,
+        task_rows=sum(read_manifest(run / "tasks").extra["tasks"].values()),
+        trak="trak_train" in sketches,
+        trak_ref="trak_ref_scores" in sketches,
+    )
     rows = [
         sum(min(CHUNK_ROWS, N_ROWS - u * CHUNK_ROWS) for u in units if u < n_chunks)
-        for units in shard_units(n_chunks + 1)
+        for units in shard_units(len(costs), costs)
     ]
     reference_log = (run / "logs" / f"grasp-reference-{job['reference']}.out").read_text()
     assert counts(r"sketch: (\d+) rows", [reference_log]) == rows[:1]

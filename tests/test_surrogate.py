@@ -106,6 +106,7 @@ SETTINGS = SurrogateSection(  # the quadratic family: k' × alignment × G × λ
     quadratic_grid=[True],
     geometry_grid=["identity", "diagonal"],
     ridge_grid=[1.0, float("inf")],
+    aggregation_grid=["mean"],
     cost_curve=[8, 16, 200],
     bootstrap=100,
 )

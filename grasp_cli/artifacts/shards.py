@@ -70,11 +70,27 @@ def _slurm_int(name: str, default: int | None) -> int:
         ) from None
 
 
-def owned_units(num_units: int, shard: ShardSpec) -> range:
-    """The contiguous run of unit indices that ``shard`` owns (balanced to within one unit)."""
-    start = num_units * shard.index // shard.count
-    stop = num_units * (shard.index + 1) // shard.count
-    return range(start, stop)
+def owned_units(num_units: int, shard: ShardSpec, costs: list[float] | None = None) -> range:
+    """The contiguous run of unit indices that ``shard`` owns.
+
+    Without ``costs``: balanced to within one unit. With ``costs`` (one estimate per unit,
+    e.g. rows to process): balanced by cost — unit ``u`` belongs to the shard whose share of
+    the total cost holds the midpoint of ``u``'s cost interval, so one expensive unit does not
+    leave one shard doing twice the work. Deterministic: every shard computes the same split.
+    """
+    if costs is None or shard.count == 1:
+        start = num_units * shard.index // shard.count
+        stop = num_units * (shard.index + 1) // shard.count
+        return range(start, stop)
+    if len(costs) != num_units or any(not c >= 0 for c in costs):
+        raise ValueError(f"costs must be {num_units} non-negative numbers")
+    total = float(sum(costs)) or 1.0
+    owners, before = [], 0.0
+    for cost in costs:
+        owners.append(min(shard.count - 1, int((before + cost / 2) / total * shard.count)))
+        before += cost
+    mine = [u for u, owner in enumerate(owners) if owner == shard.index]
+    return range(mine[0], mine[-1] + 1) if mine else range(0)
 
 
 class UnitMarkers:

@@ -1,6 +1,6 @@
 """`grasp select`: the budget-B subset with the best predicted utility -> ``RUN/selection/``.
 
-Writes ``selected.parquet`` (id, rank, gain, domain) and, for the curation check,
+Writes ``selected.parquet`` (id, rank, objective_gain, domain) and, for the curation check,
 ``curation.parquet`` (selection, id) with the GRASP selection, a seeded random
 selection and the additive top-B selection of the same size.
 """

@@ -138,6 +138,13 @@ def run_sketch(ctx: StageContext) -> str:
     task_unit, ref_unit = n_chunks, n_chunks + 1
     n_units = n_chunks + 1 + int(with_ref)
     ref_lambdas = [float(x) for x in config.sketch.trak_ref_lambdas]
+    costs = unit_costs(
+        n_rows,
+        chunk,
+        task_rows=sum(len(tasks[name]) for name in task_names),
+        trak=featurizer is not None,
+        trak_ref=with_ref,
+    )
 
     def skeleton(folder: Path) -> dict[str, dict[str, str]]:
         group = zarr.open_group(str(folder), mode="w")
@@ -272,6 +279,7 @@ def run_sketch(ctx: StageContext) -> str:
         },
         weight=lambda unit: _unit_rows(unit, n_rows, chunk),
         unit_name="rows",
+        cost=costs.__getitem__,
     )
     done_rows = int(report.weight)
     return (
@@ -307,6 +315,19 @@ def trak_ref_scores(
     scores = result["scores"]  # [L, N, T]
     group["trak_ref_scores"][:] = scores.transpose(1, 0, 2).reshape(scores.shape[1], -1)
     return chunk_digests(group["trak_ref_scores"])
+
+
+def unit_costs(n_rows: int, chunk: int, task_rows: int, trak: bool, trak_ref: bool) -> list[float]:
+    """The gradient passes each sketch unit makes, for an even split over shards: a row chunk
+    one per row (two with TRAK features: the loss and the model output), the task unit the same
+    per task row, and the ``trak-ref`` unit (last, when on) one per corpus and task row."""
+    passes = 1 + int(trak)
+    n_chunks = -(-n_rows // chunk)
+    costs = [float(passes * _unit_rows(u, n_rows, chunk)) for u in range(n_chunks)]
+    costs.append(float(passes * task_rows))
+    if trak_ref:
+        costs.append(float(n_rows + task_rows))
+    return costs
 
 
 def _unit_rows(unit: int, n_rows: int, chunk: int) -> int:
