@@ -268,7 +268,7 @@ def test_other_bad_image_inputs(cli, tmp_path):
 
 
 def test_optional_extras_named_when_missing(monkeypatch):
-    from grasp_cli.prepare import images
+    from grasp_cli.prepare import digits, images
 
     monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import Image` now raises ImportError
     with pytest.raises(InputError, match=r"pip install grasp-cli\[vision\]"):
@@ -276,7 +276,7 @@ def test_optional_extras_named_when_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(InputError, match=r"scikit-learn .*pip install grasp-cli\[vision\]"):
-        images.digits_demo({}, 0, 0)
+        digits.digits_demo({}, 0, 0)
 
 
 def test_npz_prepare_needs_neither_pillow_nor_sklearn(tmp_path):
@@ -307,7 +307,7 @@ def test_npz_prepare_needs_neither_pillow_nor_sklearn(tmp_path):
 
 def test_digits_demo_domains_are_deterministic_and_distinct():
     pytest.importorskip("sklearn")
-    from grasp_cli.prepare.images import DIGIT_DOMAIN_SHARES, digits_demo
+    from grasp_cli.prepare.digits import DIGIT_DOMAIN_SHARES, digits_demo
 
     first = digits_demo({}, 0, seed=3)
     again = digits_demo({}, 0, seed=3)

@@ -1,4 +1,4 @@
-"""Image corpora: folder trees of PNG/JPEG, ``.npz`` arrays, ``.parquet`` tables, and the digits demo.
+"""Image readers: folder trees of PNG/JPEG, ``.npz`` arrays and ``.parquet`` tables.
 
 Inputs (each image is one "document": it lands in the corpus or in a task, never both):
 
@@ -13,9 +13,10 @@ Inputs (each image is one "document": it lands in the corpus or in a task, never
   ``label`` (int or class name) and optional ``domain``.
 
 Grayscale and colour inputs together are promoted to RGB; images of different sizes are an
-error unless ``prepare.image_size`` resizes them all. PNG/JPEG decoding and the demo need
-the optional extra ``pip install grasp-cli[vision]`` (Pillow, scikit-learn); ``.npz`` and raw
-``.parquet`` inputs need nothing beyond the base install.
+error unless ``prepare.image_size`` resizes them all. PNG/JPEG decoding needs the optional
+extra ``pip install grasp-cli[vision]`` (Pillow); ``.npz`` and raw ``.parquet`` inputs need
+nothing beyond the base install. The digits demo is in ``digits.py``; which image goes to the
+corpus and which to a task is decided in ``split.py``, the same way as for text.
 """
 
 from __future__ import annotations
@@ -34,30 +35,14 @@ import numpy as np
 import pyarrow as pa
 
 from grasp_cli.artifacts.examples import IMAGE_SHAPE_KEY, Examples
-from grasp_cli.artifacts.layout import RunLayout
 from grasp_cli.artifacts.tables import read_table
-from grasp_cli.config import GraspConfig
-from grasp_cli.errors import ConfigError, InputError
+from grasp_cli.errors import InputError
 from grasp_cli.prepare.documents import walk_files
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIXES = (".npz", ".parquet")
 IMAGE_SUFFIXES = PICTURE_SUFFIXES + ARRAY_SUFFIXES
 VISION_EXTRA = "pip install grasp-cli[vision]"
-
-# The digits demo: each of sklearn's 1797 handwritten digits goes to exactly one visual domain,
-# with these default shares. The two rare domains give the target tasks.
-DIGIT_DOMAIN_SHARES = {
-    "original": 0.30,
-    "thick": 0.20,
-    "noisy": 0.15,
-    "shifted": 0.15,
-    "rotated": 0.10,
-    "inverted": 0.10,
-}
-DEMO_IMAGE_HOLDOUT = ["rotated", "inverted"]
-DEMO_IMAGE_SIZE = 16
-DEMO_DIGIT_SIZE = 12  # each 8×8 digit is upsampled to 12×12 and centred on the 16×16 canvas
 
 
 @dataclass(frozen=True)
@@ -461,269 +446,4 @@ def records_to_examples(
         np.array([r.domain for r in records], dtype=object),
         np.array([r.doc for r in records], dtype=object),
         {"image": images, "label": np.asarray(codes, dtype=np.int64)},
-    )
-
-
-# ---------------------------------------------------------------- the digits demo
-
-
-def digits_demo(shares: dict[str, float], image_size: int, seed: int) -> Examples:
-    """sklearn's 1797 handwritten digits, each put (seeded) in one visual domain and transformed.
-
-    Domains: ``original`` (upsampled to 12×12, centred on a 16×16 canvas), ``thick`` (strokes
-    dilated), ``noisy`` (Gaussian pixel noise, σ = 0.2), ``shifted`` (moved 2–3 px along each
-    axis), ``rotated`` (±15–25°),
-    ``inverted`` (dark strokes on white). ``shares`` gives each domain's fraction of the
-    digits ({} = ``DIGIT_DOMAIN_SHARES``). Returns uint8 images ``[N, S, S]`` with
-    ``S = image_size or 16`` and labels 0..9.
-    """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise InputError(
-            f"prepare.demo_images needs scikit-learn (its bundled digits): {VISION_EXTRA}"
-        ) from None
-    import torch
-    import torch.nn.functional as F
-
-    shares = dict(shares or DIGIT_DOMAIN_SHARES)
-    unknown = sorted(set(shares) - set(DIGIT_DOMAIN_SHARES))
-    if unknown:
-        raise ConfigError(
-            f"prepare.demo_image_shares: unknown domain(s) {unknown} "
-            f"(choose from {', '.join(DIGIT_DOMAIN_SHARES)})"
-        )
-    if any(v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
-        raise ConfigError("prepare.demo_image_shares: shares must be >= 0 with a positive sum")
-    digits = load_digits()
-    n = len(digits.target)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    names = [name for name in DIGIT_DOMAIN_SHARES if shares.get(name, 0) > 0]
-    counts = _largest_remainder([shares[name] for name in names], n)
-    base = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)  # [n,1,8,8]
-    base = F.interpolate(
-        base, size=(DEMO_DIGIT_SIZE, DEMO_DIGIT_SIZE), mode="bilinear", align_corners=False
-    )
-    margin = (DEMO_IMAGE_SIZE - DEMO_DIGIT_SIZE) // 2
-    base = F.pad(
-        base, (margin, margin, margin, margin)
-    )  # room to shift and rotate without cropping
-    images, labels, domains, docs = [], [], [], []
-    start = 0
-    for name, count in zip(names, counts, strict=True):
-        rows = np.sort(order[start : start + count])
-        start += count
-        x = _transform(name, base[rows], rng)
-        images.append(x.clamp(0, 1))
-        labels.append(digits.target[rows])
-        domains += [name] * len(rows)
-        docs += [f"digits/{int(r)}" for r in rows]
-    x = torch.cat(images)
-    size = image_size or DEMO_IMAGE_SIZE
-    if size != DEMO_IMAGE_SIZE:
-        x = F.interpolate(
-            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
-    pixels = (x * 255.0).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
-    return Examples(
-        np.arange(len(pixels), dtype=np.int64),
-        np.array(domains, dtype=object),
-        np.array(docs, dtype=object),
-        {"image": pixels, "label": np.concatenate(labels).astype(np.int64)},
-    )
-
-
-def _largest_remainder(shares: list[float], total: int) -> list[int]:
-    raw = np.asarray(shares, dtype=np.float64) / sum(shares) * total
-    counts = np.floor(raw).astype(int)
-    for index in np.argsort(-(raw - counts), kind="stable")[: total - counts.sum()]:
-        counts[index] += 1
-    return counts.tolist()
-
-
-def _transform(name: str, x, rng: np.random.Generator):
-    """One demo domain's transformation of float images ``[b, 1, S, S]`` in [0, 1]."""
-    import torch
-    import torch.nn.functional as F
-
-    b = x.shape[0]
-    if name == "original":
-        return x
-    if name == "thick":
-        return F.max_pool2d(x, 3, stride=1, padding=1)
-    if name == "inverted":
-        return 1.0 - x
-    if name == "noisy":
-        noise = torch.from_numpy(rng.normal(0.0, 0.2, size=tuple(x.shape)).astype(np.float32))
-        return x + noise
-    if name == "shifted":
-        shifts = rng.integers(2, 4, size=(b, 2)) * rng.choice([-1, 1], size=(b, 2))
-        pad = 3
-        padded = F.pad(x, (pad, pad, pad, pad))
-        size = x.shape[-1]
-        out = torch.empty_like(x)
-        for i, (dy, dx) in enumerate(shifts.tolist()):
-            out[i] = padded[i, :, pad - dy : pad - dy + size, pad - dx : pad - dx + size]
-        return out
-    if name == "rotated":
-        angles = np.deg2rad(rng.uniform(15, 25, size=b) * rng.choice([-1, 1], size=b))
-        cos, sin = np.cos(angles), np.sin(angles)
-        theta = np.zeros((b, 2, 3), dtype=np.float32)
-        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
-        grid = F.affine_grid(torch.from_numpy(theta), list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    raise ConfigError(f"unknown demo image domain {name!r}")
-
-
-# ---------------------------------------------------------------- the stage
-
-
-def split_holdout_images(
-    corpus: Examples, domains: list[str], fraction: float, seed: int
-) -> tuple[Examples, dict[str, Examples]]:
-    """Move a seeded ``fraction`` of each named domain's images (at least one, never all) to a task."""
-    present = sorted(set(corpus.domains.tolist()))
-    rng = np.random.default_rng(seed)
-    held: dict[str, Examples] = {}
-    keep = np.ones(len(corpus), dtype=bool)
-    for domain in domains:
-        pool = np.flatnonzero(corpus.domains == domain)
-        if len(pool) == 0:
-            raise InputError(
-                f"prepare.holdout_domains: no images in domain {domain!r} (domains: {', '.join(present)})"
-            )
-        if len(pool) < 2:
-            raise InputError(
-                f"prepare.holdout_domains: domain {domain!r} has one image; need two to hold one out"
-            )
-        count = min(len(pool) - 1, max(1, math.ceil(fraction * len(pool))))
-        chosen = np.sort(rng.choice(pool, size=count, replace=False))
-        held[domain] = _renumber(corpus.take(chosen))
-        keep[chosen] = False
-    return _renumber(corpus.take(np.flatnonzero(keep))), held
-
-
-def _renumber(examples: Examples) -> Examples:
-    examples.ids = np.arange(len(examples), dtype=np.int64)
-    return examples
-
-
-def _cap_per_domain(examples: Examples, cap: int, seed: int) -> Examples:
-    rng = np.random.default_rng(seed)
-    kept = []
-    for domain in sorted(set(examples.domains.tolist())):
-        members = np.flatnonzero(examples.domains == domain)
-        if len(members) > cap:
-            members = np.sort(rng.choice(members, size=cap, replace=False))
-        kept.append(members)
-    return _renumber(examples.take(np.sort(np.concatenate(kept))))
-
-
-def load_image_inputs(
-    config: GraspConfig, seed: int
-) -> tuple[Examples, dict[str, Examples], list[str]]:
-    """Corpus, ``--task`` tasks and class names from the configured inputs (or the digits demo)."""
-    section = config.prepare
-    if section.demo_images:
-        if section.inputs:
-            raise ConfigError(
-                "prepare.demo_images builds its own corpus; drop the inputs or set demo_images = false"
-            )
-        corpus = digits_demo(section.demo_image_shares, section.image_size, seed)
-        tasks = {
-            name: _task_examples(
-                load_image_records([pattern]), corpus.fields["image"].shape[1:], name
-            )
-            for name, pattern in section.tasks.items()
-        }
-        return corpus, tasks, []
-    if not section.inputs:
-        raise InputError(
-            "prepare: no inputs; give image files/folders/globs, or prepare.demo_images"
-        )
-    from grasp_cli.prepare.stage import check_no_shared_files
-
-    check_no_shared_files(
-        [path for path, _ in expand_image_inputs(section.inputs)],
-        {
-            name: [path for path, _ in expand_image_inputs([pattern])]
-            for name, pattern in section.tasks.items()
-        },
-    )
-    corpus_records = load_image_records(section.inputs)
-    task_records = {
-        name: load_image_records([pattern]) for name, pattern in sorted(section.tasks.items())
-    }
-    everything = corpus_records + [r for records in task_records.values() for r in records]
-    codes, class_names = label_codes([r.label for r in everything])
-    images = stack_records(everything, section.image_size)
-    corpus = records_to_examples(
-        corpus_records, images[: len(corpus_records)], codes[: len(corpus_records)]
-    )
-    tasks = {}
-    start = len(corpus_records)
-    for name, records in task_records.items():
-        stop = start + len(records)
-        tasks[name] = records_to_examples(records, images[start:stop], codes[start:stop])
-        start = stop
-    return corpus, tasks, class_names
-
-
-def _task_examples(records: list[ImageRecord], shape: tuple[int, ...], name: str) -> Examples:
-    """A ``--task`` of the demo: resized to the demo's shape; labels must be digits 0..9."""
-    codes, names = label_codes([r.label for r in records])
-    if names:
-        raise InputError(
-            f"task {name!r}: the digits demo needs integer labels 0..9, got class names"
-        )
-    images = stack_records(records, int(shape[0]))
-    if images.shape[1:] != tuple(shape):
-        raise InputError(
-            f"task {name!r}: images have shape {list(images.shape[1:])}, the demo corpus {list(shape)}"
-        )
-    return records_to_examples(records, images, codes)
-
-
-def run_prepare_images(config: GraspConfig, layout: RunLayout):
-    """``prepare`` for images: read (or build the demo), cap, hold out tasks, write shards."""
-    from grasp_cli.prepare.stage import PrepareSummary, write_prepared
-
-    section = config.prepare
-    seed = config.derived_seed(-1, "prepare")
-    if section.demo:
-        raise ConfigError("prepare.demo (text) and prepare.demo_images are exclusive; choose one")
-    corpus, tasks, class_names = load_image_inputs(config, seed)
-    holdout = section.holdout_domains
-    if section.demo_images and not holdout and not section.tasks:
-        holdout = DEMO_IMAGE_HOLDOUT
-    if section.max_docs_per_domain > 0:
-        corpus = _cap_per_domain(corpus, section.max_docs_per_domain, seed + 2)
-    corpus, held = split_holdout_images(corpus, holdout, section.holdout_fraction, seed)
-    tasks.update(held)
-    if not tasks:
-        raise InputError("prepare: no target tasks; give --task NAME=PATH or --holdout-domains")
-    if len(corpus) == 0:
-        raise InputError("prepare: the corpus has no images left after holding out the tasks")
-    num_classes = int(corpus.fields["label"].max()) + 1
-    for name in sorted(tasks):
-        labels = tasks[name].fields["label"]
-        if labels.max() >= num_classes:
-            raise InputError(
-                f"task {name!r} has label {int(labels.max())} but the corpus only has labels "
-                f"0..{num_classes - 1}; a classifier trained on the corpus cannot predict it"
-            )
-        if section.max_task_seqs > 0 and len(tasks[name]) > section.max_task_seqs:
-            rng = np.random.default_rng(seed + 1)
-            keep = np.sort(rng.choice(len(tasks[name]), size=section.max_task_seqs, replace=False))
-            tasks[name] = _renumber(tasks[name].take(keep))
-    tasks = dict(sorted(tasks.items()))
-    extra = {"class_names": class_names} if class_names else {}
-    write_prepared(config, layout, corpus, tasks, seed, extra=extra)
-    counts = dict(zip(*np.unique(corpus.domains.astype(str), return_counts=True), strict=True))
-    return PrepareSummary(
-        len(corpus),
-        {k: int(v) for k, v in counts.items()},
-        {k: len(v) for k, v in tasks.items()},
-        unit="images",
     )

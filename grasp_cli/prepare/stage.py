@@ -1,14 +1,9 @@
-"""Build ``RUN/corpus`` and ``RUN/tasks`` from documents, atomically, with manifests."""
+"""`grasp prepare`: read documents or images, split them (split.py), write corpus and tasks as one commit."""
 
 from __future__ import annotations
 
 import hashlib
-import math
 import shutil
-import sys
-from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -24,7 +19,8 @@ from grasp_cli.artifacts.layout import RunLayout, check_safe_name
 from grasp_cli.artifacts.manifest import build_manifest, folder_digest, write_manifest
 from grasp_cli.artifacts.tables import write_table
 from grasp_cli.config import GraspConfig
-from grasp_cli.errors import InputError, UsageError
+from grasp_cli.errors import ConfigError, InputError
+from grasp_cli.prepare.digits import DEMO_IMAGE_HOLDOUT, digits_demo
 from grasp_cli.prepare.documents import (
     Document,
     default_demo_holdout,
@@ -32,51 +28,33 @@ from grasp_cli.prepare.documents import (
     expand_inputs,
     load_documents,
 )
-from grasp_cli.prepare.images import inputs_are_images
+from grasp_cli.prepare.images import (
+    ImageRecord,
+    expand_image_inputs,
+    inputs_are_images,
+    label_codes,
+    load_image_records,
+    records_to_examples,
+    stack_records,
+)
+from grasp_cli.prepare.split import (
+    DOCUMENTS,
+    IMAGES,
+    PrepareSummary,
+    SplitSeeds,
+    cap_per_domain,
+    cap_task,
+    check_no_shared_files,
+    holdout_indices,
+    renumber,
+    summarize,
+    warn_verbatim_overlap,
+)
 from grasp_cli.prepare.tokens import byte_sequences
 
 
-@dataclass
-class PrepareSummary:
-    corpus_rows: int
-    domains: dict[str, int]
-    tasks: dict[str, int]
-    unit: str = "sequences"  # what a row is: "sequences" (text) or "images"
-
-
-def split_holdout(
-    documents: list[Document], domains: list[str], fraction: float, seed: int
-) -> tuple[list[Document], dict[str, list[Document]]]:
-    """Move a seeded ``fraction`` of each named domain's documents (at least one, never all) to a task."""
-    by_domain: dict[str, list[Document]] = defaultdict(list)
-    for document in documents:
-        by_domain[document.domain].append(document)
-    held: dict[str, list[Document]] = {}
-    held_ids: set[str] = set()
-    rng = np.random.default_rng(seed)
-    for domain in domains:
-        pool = by_domain.get(domain)
-        if not pool:
-            raise InputError(
-                f"prepare.holdout_domains: no documents in domain {domain!r} "
-                f"(domains: {', '.join(sorted(by_domain))})"
-            )
-        if len(pool) < 2:
-            raise InputError(
-                f"prepare.holdout_domains: domain {domain!r} has one document; need two to hold one out"
-            )
-        count = min(len(pool) - 1, max(1, math.ceil(fraction * len(pool))))
-        chosen = rng.choice(len(pool), size=count, replace=False)
-        held[domain] = [pool[i] for i in sorted(chosen)]
-        held_ids.update(d.doc_id for d in held[domain])
-    rest = [d for d in documents if d.doc_id not in held_ids]
-    return rest, held
-
-
-def tokenize_documents(
-    documents: list[Document], seq_len: int, cap_per_domain: int, seed: int
-) -> Examples:
-    """Rows of byte tokens for ``documents`` (in order), optionally a seeded sample per domain."""
+def tokenize_documents(documents: list[Document], seq_len: int) -> Examples:
+    """Rows of byte tokens for ``documents``, in order (ids 0..n-1)."""
     rows, domains, docs = [], [], []
     for document in documents:
         sequences = byte_sequences(document.text, seq_len)
@@ -84,32 +62,37 @@ def tokenize_documents(
         domains += [document.domain] * len(sequences)
         docs += [document.doc_id] * len(sequences)
     tokens = np.concatenate(rows) if rows else np.zeros((0, seq_len + 1), np.int32)
-    domains_arr, docs_arr = np.array(domains, dtype=object), np.array(docs, dtype=object)
-    keep = np.arange(len(tokens))
-    if cap_per_domain > 0:
-        rng = np.random.default_rng(seed)
-        kept = []
-        for domain in sorted(set(domains)):
-            members = np.flatnonzero(domains_arr == domain)
-            if len(members) > cap_per_domain:
-                members = np.sort(rng.choice(members, size=cap_per_domain, replace=False))
-            kept.append(members)
-        keep = np.sort(np.concatenate(kept)) if kept else keep
     return Examples(
-        np.arange(len(keep), dtype=np.int64),
-        domains_arr[keep],
-        docs_arr[keep],
-        {"tokens": tokens[keep]},
+        np.arange(len(tokens), dtype=np.int64),
+        np.array(domains, dtype=object),
+        np.array(docs, dtype=object),
+        {"tokens": tokens},
     )
 
 
 def run_prepare(config: GraspConfig, layout: RunLayout) -> PrepareSummary:
+    """``grasp prepare``: read the inputs (text or images), split them, write corpus and tasks."""
     section = config.prepare
+    seeds = SplitSeeds.from_seed(config.derived_seed(-1, "prepare"))
     if section.demo_images or (not section.demo and inputs_are_images(section.inputs)):
-        from grasp_cli.prepare.images import run_prepare_images
+        corpus, tasks, extra = _split_images(config, seeds)
+        unit = "images"
+    else:
+        corpus, tasks = _split_text(config, seeds)
+        extra, unit = {}, "sequences"
+    if not tasks:
+        raise InputError("prepare: no target tasks; give --task NAME=PATH or --holdout-domains")
+    tasks = {
+        name: cap_task(examples, section.max_task_seqs, seeds.task_cap)
+        for name, examples in sorted(tasks.items())
+    }
+    write_prepared(config, layout, corpus, tasks, seeds.holdout, extra=extra)
+    return summarize(corpus, tasks, unit)
 
-        return run_prepare_images(config, layout)
-    seed = config.derived_seed(-1, "prepare")
+
+def _split_text(config: GraspConfig, seeds: SplitSeeds) -> tuple[Examples, dict[str, Examples]]:
+    """Documents -> capped, held out, cut into byte sequences: the corpus and the tasks."""
+    section = config.prepare
     if section.demo:
         documents = demo_documents(section.demo_domains or None)
         holdout = section.holdout_domains or ([] if section.tasks else default_demo_holdout())
@@ -119,8 +102,14 @@ def run_prepare(config: GraspConfig, layout: RunLayout) -> PrepareSummary:
         documents = load_documents(section.inputs)
         holdout = section.holdout_domains
     if section.max_docs_per_domain > 0:
-        documents = _cap_documents(documents, section.max_docs_per_domain, seed)
-    documents, held = split_holdout(documents, holdout, section.holdout_fraction, seed)
+        keep = cap_per_domain(_domains(documents), section.max_docs_per_domain, seeds.unit_cap)
+        documents = [documents[i] for i in keep]
+    chosen = holdout_indices(
+        _domains(documents), holdout, section.holdout_fraction, seeds.holdout, DOCUMENTS
+    )
+    held = {domain: [documents[i] for i in rows] for domain, rows in chosen.items()}
+    moved = {int(i) for rows in chosen.values() for i in rows}
+    documents = [d for i, d in enumerate(documents) if i not in moved]
     if not section.demo:
         check_no_shared_files(
             expand_inputs(section.inputs),
@@ -128,43 +117,124 @@ def run_prepare(config: GraspConfig, layout: RunLayout) -> PrepareSummary:
         )
     for name, patterns in section.tasks.items():
         held[name] = load_documents([patterns])
-    warn_verbatim_overlap(documents, held)
+    warn_verbatim_overlap(
+        [d.text for d in documents], {k: [d.text for d in v] for k, v in held.items()}
+    )
     if not held:
         raise InputError("prepare: no target tasks; give --task NAME=PATH or --holdout-domains")
-
-    corpus = tokenize_documents(documents, section.seq_len, section.max_seqs_per_domain, seed)
+    corpus = tokenize_documents(documents, section.seq_len)
+    if section.max_seqs_per_domain > 0:
+        keep = cap_per_domain(corpus.domains, section.max_seqs_per_domain, seeds.row_cap)
+        corpus = renumber(corpus.take(keep))
     if len(corpus) == 0:
         raise InputError("prepare: the inputs give no sequences (documents shorter than 16 bytes?)")
-    tasks = {
-        name: tokenize_documents(docs, section.seq_len, 0, seed)
-        for name, docs in sorted(held.items())
-    }
-    for name, examples in tasks.items():
+    tasks = {name: tokenize_documents(docs, section.seq_len) for name, docs in held.items()}
+    for name, examples in sorted(tasks.items()):
         if len(examples) == 0:
             raise InputError(
                 f"prepare: task {name!r} has no sequences (its documents are too short)"
             )
-        if section.max_task_seqs > 0 and len(examples) > section.max_task_seqs:
-            rng = np.random.default_rng(seed + 1)
-            keep = np.sort(rng.choice(len(examples), size=section.max_task_seqs, replace=False))
-            tasks[name] = examples.take(keep)
-            tasks[name].ids = np.arange(len(keep), dtype=np.int64)
-    write_prepared(config, layout, corpus, tasks, seed)
-    counts = dict(zip(*np.unique(corpus.domains.astype(str), return_counts=True), strict=True))
-    return PrepareSummary(
-        len(corpus), {k: int(v) for k, v in counts.items()}, {k: len(v) for k, v in tasks.items()}
+    return corpus, tasks
+
+
+def _domains(documents: list[Document]) -> np.ndarray:
+    return np.array([d.domain for d in documents], dtype=object)
+
+
+def _split_images(
+    config: GraspConfig, seeds: SplitSeeds
+) -> tuple[Examples, dict[str, Examples], dict]:
+    """Images (or the digits demo) -> capped, held out: the corpus, the tasks, manifest extras."""
+    section = config.prepare
+    if section.demo:
+        raise ConfigError("prepare.demo (text) and prepare.demo_images are exclusive; choose one")
+    corpus, tasks, class_names = _load_images(config, seeds.holdout)
+    holdout = section.holdout_domains
+    if section.demo_images and not holdout and not section.tasks:
+        holdout = DEMO_IMAGE_HOLDOUT
+    if section.max_docs_per_domain > 0:
+        keep = cap_per_domain(corpus.domains, section.max_docs_per_domain, seeds.unit_cap)
+        corpus = renumber(corpus.take(keep))
+    chosen = holdout_indices(
+        corpus.domains, holdout, section.holdout_fraction, seeds.holdout, IMAGES
     )
+    moved = np.zeros(len(corpus), dtype=bool)
+    for domain, rows in chosen.items():
+        tasks[domain] = renumber(corpus.take(rows))
+        moved[rows] = True
+    corpus = renumber(corpus.take(np.flatnonzero(~moved)))
+    if not tasks:
+        raise InputError("prepare: no target tasks; give --task NAME=PATH or --holdout-domains")
+    if len(corpus) == 0:
+        raise InputError("prepare: the corpus has no images left after holding out the tasks")
+    num_classes = int(corpus.fields["label"].max()) + 1
+    for name in sorted(tasks):
+        labels = tasks[name].fields["label"]
+        if labels.max() >= num_classes:
+            raise InputError(
+                f"task {name!r} has label {int(labels.max())} but the corpus only has labels "
+                f"0..{num_classes - 1}; a classifier trained on the corpus cannot predict it"
+            )
+    return corpus, tasks, ({"class_names": class_names} if class_names else {})
 
 
-def _cap_documents(documents: list[Document], cap: int, seed: int) -> list[Document]:
-    rng = np.random.default_rng(seed + 2)
-    by_domain: dict[str, list[int]] = defaultdict(list)
-    for index, document in enumerate(documents):
-        by_domain[document.domain].append(index)
-    keep: list[int] = []
-    for indices in by_domain.values():
-        keep += sorted(rng.choice(indices, size=min(cap, len(indices)), replace=False).tolist())
-    return [documents[i] for i in sorted(keep)]
+def _load_images(config: GraspConfig, seed: int) -> tuple[Examples, dict[str, Examples], list[str]]:
+    """Corpus, ``--task`` tasks and class names from the configured inputs (or the digits demo)."""
+    section = config.prepare
+    if section.demo_images:
+        if section.inputs:
+            raise ConfigError(
+                "prepare.demo_images builds its own corpus; drop the inputs or set demo_images = false"
+            )
+        corpus = digits_demo(section.demo_image_shares, section.image_size, seed)
+        tasks = {
+            name: _demo_task(load_image_records([pattern]), corpus.fields["image"].shape[1:], name)
+            for name, pattern in section.tasks.items()
+        }
+        return corpus, tasks, []
+    if not section.inputs:
+        raise InputError(
+            "prepare: no inputs; give image files/folders/globs, or prepare.demo_images"
+        )
+    check_no_shared_files(
+        [path for path, _ in expand_image_inputs(section.inputs)],
+        {
+            name: [path for path, _ in expand_image_inputs([pattern])]
+            for name, pattern in section.tasks.items()
+        },
+    )
+    corpus_records = load_image_records(section.inputs)
+    task_records = {
+        name: load_image_records([pattern]) for name, pattern in sorted(section.tasks.items())
+    }
+    everything = corpus_records + [r for records in task_records.values() for r in records]
+    codes, class_names = label_codes([r.label for r in everything])
+    images = stack_records(everything, section.image_size)
+    corpus = records_to_examples(
+        corpus_records, images[: len(corpus_records)], codes[: len(corpus_records)]
+    )
+    tasks = {}
+    start = len(corpus_records)
+    for name, records in task_records.items():
+        stop = start + len(records)
+        tasks[name] = records_to_examples(records, images[start:stop], codes[start:stop])
+        start = stop
+    return corpus, tasks, class_names
+
+
+def _demo_task(records: list[ImageRecord], shape: tuple[int, ...], name: str) -> Examples:
+    """A ``--task`` of the digits demo: resized to the demo's shape; labels must be digits 0..9."""
+    codes, names = label_codes([r.label for r in records])
+    if names:
+        raise InputError(
+            f"task {name!r}: the digits demo needs integer labels 0..9, got class names"
+        )
+    images = stack_records(records, int(shape[0]))
+    if images.shape[1:] != tuple(shape):
+        raise InputError(
+            f"task {name!r}: images have shape {list(images.shape[1:])}, the demo corpus {list(shape)}"
+        )
+    return records_to_examples(records, images, codes)
 
 
 def write_prepared(
@@ -243,28 +313,3 @@ def write_prepared(
             for tmp in (corpus_tmp, tasks_tmp):
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
-
-
-def check_no_shared_files(corpus_files: list[Path], task_files: dict[str, list[Path]]) -> None:
-    """A file that is both a corpus input and a task's input is target leakage: refuse it."""
-    corpus = {path.resolve(): path for path in corpus_files}
-    for name, files in task_files.items():
-        for path in files:
-            if path.resolve() in corpus:
-                raise UsageError(
-                    f"--task {name}: {path} is also a corpus input: its documents would be trained "
-                    "on and scored as the target (target leakage); take it out of the corpus inputs"
-                )
-
-
-def warn_verbatim_overlap(corpus: list[Document], held: dict[str, list[Document]]) -> None:
-    """Warn when a task document's text also appears, verbatim, in the corpus (leakage)."""
-    corpus_texts = {hashlib.sha1(d.text.encode()).digest() for d in corpus}
-    for name, documents in sorted(held.items()):
-        shared = sum(hashlib.sha1(d.text.encode()).digest() in corpus_texts for d in documents)
-        if shared:
-            print(
-                f"warning: {shared} of {len(documents)} documents of task {name!r} also appear "
-                "verbatim in the corpus (target leakage: its loss will look better than it is)",
-                file=sys.stderr,
-            )
