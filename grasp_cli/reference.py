@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from grasp_cli.artifacts.atomic import atomic_dir, creation_lock, sweep_debris
-from grasp_cli.artifacts.examples import Examples
+from grasp_cli.artifacts.examples import Corpus, Examples
 from grasp_cli.artifacts.manifest import (
     build_manifest,
     file_digest,
@@ -32,13 +32,11 @@ from grasp_cli.models import DataShape, ModelBundle, build_model
 STATE_FILE = "model.pt"
 
 
-def data_shape_of(examples: Examples) -> DataShape:
-    if "tokens" in examples.fields:
-        return DataShape(seq_len=int(examples.fields["tokens"].shape[1] - 1))
-    labels = examples.fields["label"]
-    return DataShape(
-        image_shape=tuple(examples.fields["image"].shape[1:]), num_classes=int(labels.max()) + 1
-    )
+def data_shape_of(examples: Examples | Corpus) -> DataShape:
+    shapes = examples.row_shapes()
+    if "tokens" in shapes:
+        return DataShape(seq_len=int(shapes["tokens"][0] - 1))
+    return DataShape(image_shape=tuple(shapes["image"]), num_classes=examples.num_classes())
 
 
 def data_shape_from_manifest(ctx: StageContext) -> DataShape:
@@ -100,7 +98,7 @@ def load_state_dict(path: str, bundle: ModelBundle) -> dict[str, torch.Tensor]:
 
 
 def ensure_reference(
-    ctx: StageContext, corpus: Examples, bundle: ModelBundle, *, rebuild: bool = False
+    ctx: StageContext, corpus: Examples | Corpus, bundle: ModelBundle, *, rebuild: bool = False
 ) -> dict[str, torch.Tensor]:
     """θ0 from RUN/reference if fresh; else from the checkpoint, or trained now; saved with a manifest.
 
@@ -115,7 +113,7 @@ def ensure_reference(
 
 
 def _ensure_reference_locked(
-    ctx: StageContext, corpus: Examples, bundle: ModelBundle, rebuild: bool
+    ctx: StageContext, corpus: Examples | Corpus, bundle: ModelBundle, rebuild: bool
 ) -> dict[str, torch.Tensor]:
     folder = ctx.layout.reference
     checkpoint = ctx.config.reference.checkpoint

@@ -18,7 +18,7 @@ import pyarrow as pa
 import zarr
 from tqdm import tqdm
 
-from grasp_cli.artifacts.examples import Examples, read_examples, read_tasks
+from grasp_cli.artifacts.examples import Corpus, open_corpus, read_tasks
 from grasp_cli.artifacts.manifest import file_digest, require
 from grasp_cli.artifacts.sharded import finish_if_complete, open_sharded
 from grasp_cli.artifacts.shards import UnitMarkers, owned_units
@@ -58,7 +58,7 @@ def plan_jobs(roles: list[str], repeat_subsets: int, repeat_seeds: int, seed: in
     return jobs
 
 
-def ensure_subsets(ctx: StageContext, corpus: Examples) -> CheckedGroup:
+def ensure_subsets(ctx: StageContext, corpus: Corpus) -> CheckedGroup:
     """Build ``RUN/subsets.zarr`` from the [subsets] design (deterministic, so every shard agrees)."""
     from grasp_cli.subsets.designs import plan_subsets
 
@@ -126,7 +126,7 @@ def run_retrain(ctx: StageContext, limit: int | None = None) -> str:
     layout, config = ctx.layout, ctx.config
     require(layout, "corpus", config, force=ctx.force)
     require(layout, "tasks", config, force=ctx.force)
-    corpus = read_examples(layout.corpus)
+    corpus = open_corpus(layout.corpus)
     group = ensure_subsets(ctx, corpus)
     roles = [str(r) for r in group["role"][:]]
     jobs = plan_jobs(
@@ -137,7 +137,7 @@ def run_retrain(ctx: StageContext, limit: int | None = None) -> str:
 
 
 def train_jobs(
-    ctx: StageContext, artifact: str, jobs: list[Job], rows_of, corpus: Examples, limit: int | None
+    ctx: StageContext, artifact: str, jobs: list[Job], rows_of, corpus: Corpus, limit: int | None
 ) -> str:
     """Train every owned, unfinished job; write one Parquet part per job; finish the artifact."""
     ctx.apply_threads()
@@ -164,7 +164,7 @@ def train_jobs(
     from grasp_cli.train import TrainRecipe, evaluate_tasks, train, train_many
 
     recipe = TrainRecipe.from_section(config.retrain)
-    data = corpus.to_torch()
+    data = corpus.to_torch()  # a row store: each step reads its batch's rows only
     task_data = {name: examples.to_torch() for name, examples in tasks.items()}
     width = max(1, config.retrain.parallel_models)
     bar = tqdm(
@@ -286,15 +286,16 @@ def run_curation(ctx: StageContext, limit: int | None = None) -> str:
     """Train on each selection of ``RUN/selection/curation.parquet`` (GRASP, random, additive top-B)."""
     layout, config = ctx.layout, ctx.config
     require(layout, "selection", config, force=ctx.force)
-    corpus = read_examples(layout.corpus)
+    corpus = open_corpus(layout.corpus)
     table = read_table(layout.selection / "curation.parquet")
-    names = sorted(set(table.column("selection").to_pylist()))
-    position = {int(i): row for row, i in enumerate(corpus.ids)}
-    members = {name: [] for name in names}
-    for name, example_id in zip(
-        table.column("selection").to_pylist(), table.column("id").to_pylist(), strict=True
-    ):
-        members[name].append(position[int(example_id)])
+    selections = np.array(table.column("selection").to_pylist(), dtype=object)
+    names = sorted(set(selections.tolist()))
+    rows, known = corpus.positions(table.column("id").to_numpy())
+    if not known.all():
+        raise InputError(
+            f"{layout.selection / 'curation.parquet'}: ids not in {layout.corpus}; rerun `grasp select`"
+        )
+    members = {name: rows[selections == name].tolist() for name in names}
     seeds = [base_seed(ctx) + extra for extra in range(1 + config.retrain.repeat_seeds)]
     jobs = [Job(index, seed, name) for seed in seeds for index, name in enumerate(names)]
     rows_of = lambda job: np.sort(np.array(members[job.label]))  # noqa: E731

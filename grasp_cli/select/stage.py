@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from grasp_cli.artifacts.atomic import artifact_dir
-from grasp_cli.artifacts.examples import read_examples
+from grasp_cli.artifacts.examples import open_corpus
 from grasp_cli.artifacts.manifest import build_manifest, folder_digest, require, write_manifest
 from grasp_cli.artifacts.tables import write_table
 from grasp_cli.artifacts.zarr_io import open_group_read
@@ -88,7 +88,7 @@ def run_select(ctx: StageContext, export=None) -> str:
     sketches = open_group_read(layout.sketches, "sketch")
     phi = sketches["train"]
     ids = np.asarray(sketches["train_ids"][:])
-    corpus = read_examples(layout.corpus)
+    corpus = open_corpus(layout.corpus)  # ids and domains: columns only
     if len(corpus) != phi.shape[0] or not np.array_equal(corpus.ids, ids):
         raise InputError(
             f"{layout.sketches}: sketch ids do not match {layout.corpus}; rerun `grasp sketch`"
@@ -172,7 +172,7 @@ def run_select(ctx: StageContext, export=None) -> str:
         mode = write_export(
             export,
             layout,
-            corpus.take(np.sort(rows)),
+            (len(rows), corpus.iter_rows(np.sort(rows))),
             force=ctx.force,
             shard_rows=ctx.config.prepare.shard_rows,
             row_group_rows=ctx.config.prepare.row_group_rows,

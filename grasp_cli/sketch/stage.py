@@ -16,7 +16,7 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from grasp_cli.artifacts.examples import iter_example_blocks, read_examples, read_tasks
+from grasp_cli.artifacts.examples import open_corpus, read_tasks
 from grasp_cli.artifacts.manifest import require
 from grasp_cli.artifacts.sharded import finish_if_complete, open_sharded
 from grasp_cli.artifacts.shards import UnitMarkers, owned_units
@@ -39,7 +39,7 @@ def run_sketch(ctx: StageContext) -> str:
     config, layout = ctx.config, ctx.layout
     require(layout, "corpus", config, force=ctx.force)
     require(layout, "tasks", config, force=ctx.force)
-    corpus = read_examples(layout.corpus)
+    corpus = open_corpus(layout.corpus)  # footers and ids only; rows are read by block
     bundle = new_bundle(ctx, data_shape_of(corpus))
     state = ensure_reference(ctx, corpus, bundle, rebuild=ctx.force)
     bundle.module.load_state_dict(state)
@@ -50,7 +50,6 @@ def run_sketch(ctx: StageContext) -> str:
     sketcher = Sketcher(bundle, config.sketch, sketch_seed(ctx), device=ctx.device)
     tasks = read_tasks(layout.tasks)
     n_rows, k = len(corpus), sketcher.k
-    del corpus  # rows are streamed from the shards below; memory stays bounded
     chunk = config.sketch.chunk_rows
     n_chunks = -(-n_rows // chunk)
     dtype = config.sketch.dtype
@@ -105,9 +104,7 @@ def run_sketch(ctx: StageContext) -> str:
         else:
             start, stop = unit * chunk, min((unit + 1) * chunk, n_rows)
             rows, ids = [], []
-            for _, block in iter_example_blocks(
-                layout.corpus, start, stop, config.sketch.batch_size
-            ):
+            for _, block in corpus.iter_blocks(start, stop, config.sketch.batch_size):
                 rows.append(sketcher.sketch_batch(_to_device(block.to_torch(), ctx.device)))
                 ids.append(block.ids)
                 bar.update(len(block))

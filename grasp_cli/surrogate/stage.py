@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from grasp_cli.artifacts.atomic import artifact_dir
-from grasp_cli.artifacts.examples import read_examples
+from grasp_cli.artifacts.examples import open_corpus
 from grasp_cli.artifacts.manifest import build_manifest, folder_digest, require, write_manifest
 from grasp_cli.artifacts.tables import write_table
 from grasp_cli.artifacts.zarr_io import open_group_read
@@ -102,7 +102,7 @@ def run_fit_surrogate(ctx: StageContext) -> str:
             f"{layout.subsets} has N = {n_rows} but {layout.sketches} has {phi.shape[0]} rows; "
             "rerun `grasp retrain-subsets` or `grasp sketch` on the same corpus"
         )
-    corpus = read_examples(layout.corpus)
+    corpus = open_corpus(layout.corpus)  # ids and domains: columns only
     if not np.array_equal(np.asarray(sketches["train_ids"][:]), corpus.ids):
         raise InputError(
             f"{layout.sketches}: train_ids do not match {layout.corpus}; rerun `grasp sketch`"
