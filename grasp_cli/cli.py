@@ -129,10 +129,12 @@ def prepare(
     set_: SetOpt = None,
     dry_run: DryOpt = False,
     force: ForceOpt = False,
+    shard: ShardOpt = None,
+    num_shards: NumShardsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Documents in -> RUN/corpus (token shards) and RUN/tasks (one Parquet per target task)."""
-    ctx = _context(config, run, set_, force)
+    ctx = _context(config, run, set_, force, shard, num_shards, quiet)
     section = ctx.config.prepare
     if demo and inputs:
         raise UsageError("prepare: give INPUT files or --demo, not both")
@@ -153,12 +155,17 @@ def prepare(
         return _dry_run(ctx, "prepare")
     from grasp_cli.prepare.stage import run_prepare
 
-    summary = run_prepare(ctx.config, ctx.layout)
+    result = run_prepare(ctx.config, ctx.layout, ctx.shard, ctx.force, ctx.progress)
+    summary = result.summary
+    if summary is None:
+        typer.echo(result.message)
+        return
     typer.echo(
         f"corpus: {summary.corpus_rows} {summary.unit} in {len(summary.domains)} domains -> {ctx.layout.corpus}\n"
         f"tasks:  "
         + ", ".join(f"{k} ({v})" for k, v in summary.tasks.items())
         + f" -> {ctx.layout.tasks}"
+        + (f" ({result.message})" if result.message else "")
     )
 
 

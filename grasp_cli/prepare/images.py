@@ -21,8 +21,10 @@ corpus and which to a task is decided in ``split.py``, the same way as for text.
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
+import json
 import math
 import zipfile
 from collections import defaultdict
@@ -35,14 +37,16 @@ import numpy as np
 import pyarrow as pa
 
 from grasp_cli.artifacts.examples import IMAGE_SHAPE_KEY, Examples
-from grasp_cli.artifacts.tables import read_table
+from grasp_cli.artifacts.tables import parquet_file
 from grasp_cli.errors import InputError
 from grasp_cli.prepare.documents import walk_files
+from grasp_cli.prepare.units import Source, Unit
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIXES = (".npz", ".parquet")
 IMAGE_SUFFIXES = PICTURE_SUFFIXES + ARRAY_SUFFIXES
 VISION_EXTRA = "pip install grasp-cli[vision]"
+IMAGE_BATCH_ROWS = 1024  # images decoded (and parquet rows read) at a time
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,29 @@ def decode_image(data: bytes | Path, source: str) -> np.ndarray:
     raise InputError(f"{source}: unsupported image mode {mode!r} (use grayscale or RGB)")
 
 
+_GRAY_MODES = ("1", "L", "LA", "I")
+_COLOUR_MODES = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def image_header(data: bytes | Path, source: str) -> np.ndarray:
+    """The shape ``decode_image`` would give, from the file's header only (nothing decoded):
+    a read-only zero-copy placeholder ``[H, W]`` or ``[H, W, 3]``."""
+    Image = _pillow()
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            mode, (width, height) = img.mode, img.size
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, ValueError, SyntaxError, ...
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{source}: unreadable image ({detail[:160]})") from None
+    if mode in _GRAY_MODES or mode.startswith("I;16"):
+        shape: tuple[int, ...] = (height, width)
+    elif mode in _COLOUR_MODES:
+        shape = (height, width, 3)
+    else:
+        raise InputError(f"{source}: unsupported image mode {mode!r} (use grayscale or RGB)")
+    return np.broadcast_to(np.zeros((), np.uint8), shape)
+
+
 def to_uint8(values: np.ndarray, source: str) -> np.ndarray:
     """uint8 as is; integers within 0..255; bool; floats in [0, 1] scaled to 0..255 and rounded."""
     if values.dtype == np.uint8:
@@ -216,8 +243,8 @@ def _labels_array(values: np.ndarray, n: int, source: str) -> list[int | str]:
 # ---------------------------------------------------------------- readers
 
 
-def read_picture(path: Path, root: Path | None) -> ImageRecord:
-    """One PNG/JPEG of a ``DOMAIN/CLASS/file`` tree."""
+def picture_label(path: Path, root: Path | None) -> tuple[str, str]:
+    """``(label, domain)`` of a PNG/JPEG from its place in a ``DOMAIN/CLASS/file`` tree."""
     if root is not None:
         parts = path.relative_to(root).parts
         if len(parts) < 2:
@@ -230,9 +257,14 @@ def read_picture(path: Path, root: Path | None) -> ImageRecord:
         label, domain = path.parent.name, path.parent.parent.name
     if not label:
         raise InputError(f"{path}: missing label: put the image in a folder named after its class")
-    return ImageRecord(
-        decode_image(path, str(path)), label, domain or "default", str(path), str(path)
-    )
+    return label, domain or "default"
+
+
+def read_picture(path: Path, root: Path | None, header_only: bool = False) -> ImageRecord:
+    """One PNG/JPEG of a ``DOMAIN/CLASS/file`` tree (``header_only``: shape, no pixels)."""
+    label, domain = picture_label(path, root)
+    image = image_header(path, str(path)) if header_only else decode_image(path, str(path))
+    return ImageRecord(image, label, domain, str(path), str(path))
 
 
 def read_npz(path: Path) -> list[ImageRecord]:
@@ -293,37 +325,38 @@ def read_npz(path: Path) -> list[ImageRecord]:
 
 def read_image_parquet(path: Path) -> list[ImageRecord]:
     """Rows of a ``.parquet`` with ``image``, ``label`` and optional ``domain`` columns."""
-    table = read_table(path)
-    names = table.column_names
+    return list(iter_image_parquet(path))
+
+
+def iter_image_parquet(path: Path, header_only: bool = False) -> Iterator[ImageRecord]:
+    """``read_image_parquet`` streamed by record batches (``header_only``: shapes, no pixels)."""
+    handle = parquet_file(path)
+    schema = handle.schema_arrow
+    names = schema.names
     if "image" not in names:
         raise InputError(f"{path}: missing column 'image' (has: {', '.join(names)})")
     if "label" not in names:
         raise InputError(f"{path}: missing labels: no column 'label' (has: {', '.join(names)})")
-    if table.num_rows == 0:
+    if handle.metadata.num_rows == 0:
         raise InputError(f"{path}: no images (the table has no rows)")
-    image_type = table.schema.field("image").type
-    if pa.types.is_struct(image_type):
-        if image_type.get_field_index("bytes") < 0:
-            raise InputError(f"{path}: column 'image' is a struct without a 'bytes' field")
-        blobs = table.column("image").combine_chunks().field("bytes").to_pylist()
-    elif (
+    image_type = schema.field("image").type
+    struct = pa.types.is_struct(image_type)
+    if struct and image_type.get_field_index("bytes") < 0:
+        raise InputError(f"{path}: column 'image' is a struct without a 'bytes' field")
+    if not struct and not (
         pa.types.is_binary(image_type)
         or pa.types.is_large_binary(image_type)
         or pa.types.is_fixed_size_binary(image_type)
     ):
-        blobs = table.column("image").to_pylist()
-    else:
         raise InputError(
             f"{path}: column 'image' has type {image_type}; expected binary (PNG/JPEG bytes, or raw "
             "uint8 pixels with grasp.image_shape metadata)"
         )
-    meta = table.schema.metadata or {}
+    meta = schema.metadata or {}
     raw_shape = None
     if IMAGE_SHAPE_KEY in meta:
-        import json
-
         raw_shape = tuple(int(s) for s in json.loads(meta[IMAGE_SHAPE_KEY]))
-    label_type = table.schema.field("label").type
+    label_type = schema.field("label").type
     if not (
         pa.types.is_integer(label_type)
         or pa.types.is_string(label_type)
@@ -332,45 +365,76 @@ def read_image_parquet(path: Path) -> list[ImageRecord]:
         raise InputError(
             f"{path}: column 'label' has type {label_type}; expected integers or class names"
         )
-    labels = table.column("label").to_pylist()
-    domains = table.column("domain").to_pylist() if "domain" in names else [None] * len(labels)
-    records = []
-    for row, (blob, label, domain) in enumerate(zip(blobs, labels, domains, strict=True)):
-        where = f"{path}:row {row}"
-        if blob is None:
-            raise InputError(f"{where}: missing image")
-        if label is None:
-            raise InputError(f"{where}: missing label")
-        if isinstance(label, int) and label < 0:
-            raise InputError(f"{where}: label {label} is negative")
-        if raw_shape is not None:
-            if len(blob) != math.prod(raw_shape):
-                raise InputError(
-                    f"{where}: {len(blob)} image bytes, expected {math.prod(raw_shape)} for shape {list(raw_shape)}"
-                )
-            image = np.frombuffer(blob, dtype=np.uint8).reshape(raw_shape)
-            if image.ndim == 3 and image.shape[2] == 1:
-                image = image[..., 0]
-        else:
-            image = decode_image(blob, where)
-        records.append(ImageRecord(image, label, str(domain or path.stem), f"{path}#{row}", where))
-    return records
+    columns = [name for name in ("image", "label", "domain") if name in names]
+    row = 0
+    try:
+        batches = handle.iter_batches(batch_size=IMAGE_BATCH_ROWS, columns=columns)
+        for batch in batches:
+            column = batch.column("image")
+            blobs = (column.field("bytes") if struct else column).to_pylist()
+            labels = batch.column("label").to_pylist()
+            domains = (
+                batch.column("domain").to_pylist() if "domain" in columns else [None] * len(labels)
+            )
+            for blob, label, domain in zip(blobs, labels, domains, strict=True):
+                yield _parquet_record(path, row, blob, label, domain, raw_shape, header_only)
+                row += 1
+    except (pa.ArrowException, OSError) as exc:
+        first = str(exc).strip().splitlines()
+        raise InputError(
+            f"{path}: not a readable Parquet file ({first[0] if first else type(exc).__name__})"
+        ) from None
+
+
+def _parquet_record(
+    path: Path,
+    row: int,
+    blob: bytes | None,
+    label: int | str | None,
+    domain: str | None,
+    raw_shape: tuple[int, ...] | None,
+    header_only: bool,
+) -> ImageRecord:
+    where = f"{path}:row {row}"
+    if blob is None:
+        raise InputError(f"{where}: missing image")
+    if label is None:
+        raise InputError(f"{where}: missing label")
+    if isinstance(label, int) and label < 0:
+        raise InputError(f"{where}: label {label} is negative")
+    if raw_shape is not None:
+        if len(blob) != math.prod(raw_shape):
+            raise InputError(
+                f"{where}: {len(blob)} image bytes, expected {math.prod(raw_shape)} for shape {list(raw_shape)}"
+            )
+        image = np.frombuffer(blob, dtype=np.uint8).reshape(raw_shape)
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[..., 0]
+    else:
+        image = image_header(blob, where) if header_only else decode_image(blob, where)
+    return ImageRecord(image, label, str(domain or path.stem), f"{path}#{row}", where)
 
 
 def load_image_records(patterns: list[str]) -> list[ImageRecord]:
     """Every image of the inputs, in file order; empty input is an error."""
-    records: list[ImageRecord] = []
-    for path, root in expand_image_inputs(patterns):
-        suffix = path.suffix.lower()
-        if suffix == ".npz":
-            records += read_npz(path)
-        elif suffix == ".parquet":
-            records += read_image_parquet(path)
-        else:
-            records.append(read_picture(path, root))
+    records = [r for path, root in expand_image_inputs(patterns) for r in iter_records(path, root)]
     if not records:
         raise InputError(f"{', '.join(patterns)}: no images found")
     return records
+
+
+def iter_records(path: Path, root: Path | None, header_only: bool = False) -> Iterator[ImageRecord]:
+    """The images of one input file, streamed (a ``.npz`` is read whole: it is one array).
+
+    ``header_only``: PNG/JPEG are not decoded, their records hold a zero-copy placeholder of
+    the decoded shape (what the plan needs: shapes and labels)."""
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        yield from read_npz(path)
+    elif suffix == ".parquet":
+        yield from iter_image_parquet(path, header_only)
+    else:
+        yield read_picture(path, root, header_only)
 
 
 # ---------------------------------------------------------------- stacking
@@ -407,10 +471,14 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     return y.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def stack_records(records: list[ImageRecord], image_size: int) -> np.ndarray:
-    """One uint8 array ``[N, H, W(, C)]``: gray promoted to RGB when colour is present, resized
-    to ``image_size`` when it is set, otherwise every image must have the same shape."""
-    colour = any(r.image.ndim == 3 for r in records)
+def stack_records(
+    records: list[ImageRecord], image_size: int, colour: bool | None = None
+) -> np.ndarray:
+    """One uint8 array ``[N, H, W(, C)]``: gray promoted to RGB when colour is present (in
+    ``records``, or anywhere when ``colour`` says so), resized to ``image_size`` when it is
+    set, otherwise every image must have the same shape."""
+    if colour is None:
+        colour = any(r.image.ndim == 3 for r in records)
     by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
     images = []
     for index, record in enumerate(records):
@@ -447,3 +515,137 @@ def records_to_examples(
         np.array([r.doc for r in records], dtype=object),
         {"image": images, "label": np.asarray(codes, dtype=np.int64)},
     )
+
+
+# ---------------------------------------------------------------- the plan and the stream
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """What must be known about all images before the first is written, found by one pass
+    over labels and image headers (``scan_images``): class names (numbered in sorted order;
+    empty when labels are integers), whether any image is in colour (then gray ones are
+    promoted to RGB), and the one shape every row gets."""
+
+    shape: tuple[int, ...]
+    colour: bool
+    size: int  # prepare.image_size (0 = keep the common size)
+    class_names: tuple[str, ...] = ()
+
+    def codes(self, labels: list[int | str]) -> np.ndarray:
+        """int64 codes of ``labels`` (class names by their sorted position)."""
+        lookup = {name: code for code, name in enumerate(self.class_names)}
+        out = []
+        for label in labels:
+            if isinstance(label, str) and not label.isdigit():
+                out.append(lookup[label])
+            else:
+                out.append(int(label))
+        return np.asarray(out, dtype=np.int64)
+
+    def to_json(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "colour": self.colour,
+            "size": self.size,
+            "class_names": list(self.class_names),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> ImagePlan:
+        return cls(tuple(data["shape"]), data["colour"], data["size"], tuple(data["class_names"]))
+
+
+def scan_images(files: list[tuple[Path, Path | None]], image_size: int) -> ImagePlan:
+    """One pass over ``files`` (corpus inputs, then each task's) reading labels and headers:
+    PNG/JPEG are not decoded. Raises the errors ``label_codes`` and ``stack_records`` raise."""
+    colour, named, numbered = False, set(), False
+    first_of_shape: dict[tuple[int, int], str] = {}
+    count = 0
+    for path, root in files:
+        for record in iter_records(path, root, header_only=True):
+            count += 1
+            colour |= record.image.ndim == 3
+            label = record.label
+            if isinstance(label, str) and not label.isdigit():
+                named.add(label)
+            else:
+                numbered = True
+            first_of_shape.setdefault(tuple(record.image.shape[:2]), record.source)
+    if named and numbered:
+        raise InputError(
+            "labels mix class names and integers; name every class folder or label the same way"
+        )
+    if image_size > 0:
+        base: tuple[int, ...] = (image_size, image_size)
+    else:
+        shapes = list(first_of_shape.items())
+        if len(shapes) > 1:
+            (first_shape, first), (other_shape, other) = shapes[:2]
+            extra = (3,) if colour else ()
+            raise InputError(
+                f"{other}: image shape {list(other_shape + extra)} differs from "
+                f"{list(first_shape + extra)} of {first}; set prepare.image_size "
+                "(e.g. --set prepare.image_size=32) to resize all images to one square size"
+            )
+        base = shapes[0][0] if shapes else (0, 0)
+    return ImagePlan(base + ((3,) if colour else ()), colour, image_size, tuple(sorted(named)))
+
+
+def records_to_units(records: list[ImageRecord], plan: ImagePlan) -> Iterator[Unit]:
+    """Units of decoded ``records``: promoted and resized as ``plan`` says, one row each."""
+    if not records:
+        return
+    images = stack_records(records, plan.size, plan.colour)
+    if images.shape[1:] != plan.shape:
+        raise InputError(
+            f"{records[0].source}: image shape {list(images.shape[1:])} differs from "
+            f"{list(plan.shape)}; set prepare.image_size to resize all images to one size"
+        )
+    labels = plan.codes([r.label for r in records])
+    for index, record in enumerate(records):
+        yield Unit(
+            record.doc,
+            record.domain,
+            record.source,
+            ({"image": images[index : index + 1], "label": labels[index : index + 1]},),
+        )
+
+
+def image_units(path: Path, root: Path | None, plan: ImagePlan) -> Iterator[Unit]:
+    """The units of one image file, decoded in batches of ``IMAGE_BATCH_ROWS``."""
+    batch: list[ImageRecord] = []
+    for record in iter_records(path, root):
+        batch.append(record)
+        if len(batch) >= IMAGE_BATCH_ROWS:
+            yield from records_to_units(batch, plan)
+            batch = []
+    yield from records_to_units(batch, plan)
+
+
+def image_sources(patterns: list[str], plan: ImagePlan) -> list[Source]:
+    """One ``Source`` per image input file."""
+    sources = []
+    for path, root in expand_image_inputs(patterns):
+        info = path.stat()
+        sources.append(
+            Source(
+                str(path),
+                info.st_size,
+                f"{path.resolve()}:{info.st_size}:{info.st_mtime_ns}:{root}",
+                functools.partial(image_units, path, root, plan),
+            )
+        )
+    return sources
+
+
+def examples_units(examples: Examples) -> Iterator[Unit]:
+    """Units of image rows already in memory (the digits demo), one row each."""
+    for index in range(len(examples)):
+        rows = slice(index, index + 1)
+        yield Unit(
+            str(examples.docs[index]),
+            str(examples.domains[index]),
+            str(examples.docs[index]),
+            ({name: values[rows] for name, values in examples.fields.items()},),
+        )

@@ -1,30 +1,39 @@
-"""Which examples go to the corpus and which to the target tasks: one path for text and images.
+"""Which units go to the corpus and which to the target tasks: one rule for text and images.
 
-A *unit* is what is never split between corpus and task: a document (text) or an image.
-Both modalities go through the same steps, in this order:
+A *unit* is what is never split between corpus and task: a document (text) or an image. A
+unit becomes rows (byte sequences, or its one image). Every decision is a function of the
+unit's id and one seeded 64-bit key, so it needs no global list, gives the same answer in
+whatever order or shard a unit is read, and memory stays bounded:
 
-1. an optional cap on units per domain (``prepare.max_docs_per_domain``);
-2. the holdout split: a seeded fraction of each named domain's units becomes that domain's
-   task (at least one unit, never all);
-3. (text only) the units are cut into rows; an optional cap on corpus rows per domain
-   (``prepare.max_seqs_per_domain``);
-4. an optional cap on rows per task (``prepare.max_task_seqs``).
+- **holdout**: a unit of a held-out domain goes to that domain's task when
+  ``key("holdout", id) / 2**64 < prepare.holdout_fraction``; if that holds out none of a
+  domain's units, the one with the smallest key goes anyway, and if it holds out all, the
+  one with the largest key stays (at least one unit held out, never all);
+- **unit cap** (``prepare.max_docs_per_domain``): each domain keeps the units with the
+  smallest ``(key("unit-cap", id), unit number)`` — a bottom-k sample, applied before the
+  holdout split as before;
+- **row caps** (``prepare.max_seqs_per_domain`` per corpus domain, ``prepare.max_task_seqs``
+  per task): the rows with the smallest ``(row key, row id)``; row j of a unit has the key
+  ``mix(key("rows", id) + j)``.
 
-Every random choice comes from ``SplitSeeds``, derived from the one prepare seed in one place.
+A bottom-k sample of a union is the bottom-k of the per-part bottom-k samples, so each shard
+keeps at most ``k`` candidates per domain and the final step picks the global ones.
+Keys come from ``unit_keys``/``row_keys`` and nothing else (the one way seeds are derived).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from grasp_cli.artifacts.examples import Examples
 from grasp_cli.errors import InputError, UsageError
+
+UINT64_SPAN = float(2**64)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 @dataclass
@@ -36,22 +45,8 @@ class PrepareSummary:
 
 
 @dataclass(frozen=True)
-class SplitSeeds:
-    """The random streams of the split, all derived from the prepare seed here and nowhere else."""
-
-    holdout: int
-    unit_cap: int
-    row_cap: int
-    task_cap: int
-
-    @classmethod
-    def from_seed(cls, seed: int) -> SplitSeeds:
-        return cls(holdout=seed, unit_cap=seed + 2, row_cap=seed, task_cap=seed + 1)
-
-
-@dataclass(frozen=True)
 class Noun:
-    """How error messages name a unit ("document"/"documents" or "image"/"images")."""
+    """How messages name a unit ("document"/"documents" or "image"/"images")."""
 
     one: str
     many: str
@@ -61,71 +56,142 @@ DOCUMENTS = Noun("document", "documents")
 IMAGES = Noun("image", "images")
 
 
-def holdout_indices(
-    domains: np.ndarray, holdout: list[str], fraction: float, seed: int, noun: Noun = DOCUMENTS
-) -> dict[str, np.ndarray]:
-    """Units moved to each held-out domain's task: domain -> sorted unit indices.
+# ---------------------------------------------------------------- seeded keys
 
-    ``domains``: str ``[U]``, one per unit. For each named domain a seeded ``fraction`` of its
-    units (rounded up; at least one, never all) is chosen.
+
+def unit_key(seed: int, purpose: str, name: str) -> int:
+    """A uniform 64-bit key of ``name`` for one ``purpose`` ("holdout", "unit-cap", "rows", ...)."""
+    digest = hashlib.blake2b(f"{seed}:{purpose}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a bijection of uint64 that spreads consecutive inputs uniformly."""
+    z = values.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def row_keys(seed: int, name: str, first: int, count: int) -> np.ndarray:
+    """Keys (uint64 ``[count]``) of rows ``first .. first+count-1`` of the unit ``name``."""
+    bases = np.full(count, unit_key(seed, "rows", name), dtype=np.uint64)
+    return mix_rows(bases, np.arange(first, first + count, dtype=np.uint64))
+
+
+def mix_rows(bases: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Row keys from each row's unit base key (``unit_key(seed, "rows", id)``) and its position
+    in the unit: ``row_keys`` for many units at once (uint64 arrays of one length)."""
+    with np.errstate(over="ignore"):
+        return _mix(bases.astype(np.uint64) + positions.astype(np.uint64) * _GOLDEN)
+
+
+def is_held(seed: int, name: str, fraction: float) -> bool:
+    """Whether the unit ``name`` of a held-out domain goes to its task."""
+    return unit_key(seed, "holdout", name) / UINT64_SPAN < fraction
+
+
+# ---------------------------------------------------------------- bottom-k samples
+
+
+def smallest(keys: np.ndarray, ties: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` entries with the smallest ``(keys, ties)`` (all when fewer)."""
+    if len(keys) <= k:
+        return np.arange(len(keys))
+    order = np.lexsort((ties, keys))
+    return np.sort(order[:k])
+
+
+def threshold(keys: np.ndarray, ties: np.ndarray, k: int) -> tuple[int, int] | None:
+    """The ``k``-th smallest ``(key, tie)``; None when there are at most ``k`` entries."""
+    if len(keys) <= k:
+        return None
+    order = np.lexsort((ties, keys))
+    last = order[k - 1]
+    return int(keys[last]), int(ties[last])
+
+
+def at_most(keys: np.ndarray, ties: np.ndarray, limit: tuple[int, int] | None) -> np.ndarray:
+    """Mask of entries with ``(key, tie) <= limit`` (all when ``limit`` is None)."""
+    if limit is None:
+        return np.ones(len(keys), dtype=bool)
+    key, tie = np.uint64(limit[0]), limit[1]
+    keys = keys.astype(np.uint64, copy=False)
+    return (keys < key) | ((keys == key) & (ties <= tie))
+
+
+@dataclass
+class BottomK:
+    """The ``cap`` smallest-keyed items of each group, kept in bounded memory.
+
+    ``add(group, keys, ties, payload)`` appends candidates; when a group holds ``2 * cap``
+    they are pruned back to ``cap`` (amortized O(1) per item). ``items()`` gives each group's
+    survivors; their order is not defined (callers sort by what they need).
     """
-    rng = np.random.default_rng(seed)
-    held: dict[str, np.ndarray] = {}
-    for domain in holdout:
-        pool = np.flatnonzero(domains == domain)
-        if len(pool) == 0:
-            present = ", ".join(sorted(set(domains.tolist())))
-            raise InputError(
-                f"prepare.holdout_domains: no {noun.many} in domain {domain!r} (domains: {present})"
-            )
-        if len(pool) < 2:
-            raise InputError(
-                f"prepare.holdout_domains: domain {domain!r} has one {noun.one}; "
-                "need two to hold one out"
-            )
-        count = min(len(pool) - 1, max(1, math.ceil(fraction * len(pool))))
-        held[domain] = np.sort(pool[rng.choice(len(pool), size=count, replace=False)])
-    return held
+
+    cap: int
+    groups: dict[str, list] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, group: str, keys: np.ndarray, ties: np.ndarray, payload: object) -> None:
+        self.groups.setdefault(group, []).append((keys, ties, payload))
+        self.sizes[group] = self.sizes.get(group, 0) + len(keys)
+        if self.sizes[group] >= 2 * self.cap:
+            self._prune(group)
+
+    def _prune(self, group: str) -> None:
+        entries = self.groups[group]
+        keys = np.concatenate([e[0] for e in entries])
+        ties = np.concatenate([e[1] for e in entries])
+        owner = np.concatenate([np.full(len(e[0]), i) for i, e in enumerate(entries)])
+        offset = np.concatenate([np.arange(len(e[0])) for e in entries])
+        keep = smallest(keys, ties, self.cap)
+        kept = []
+        for index, entry in enumerate(entries):
+            rows = offset[keep[owner[keep] == index]]
+            if len(rows):
+                kept.append((entry[0][rows], entry[1][rows], _take(entry[2], rows)))
+        self.groups[group] = kept
+        self.sizes[group] = sum(len(e[0]) for e in kept)
+
+    def items(self) -> dict[str, list]:
+        for group in list(self.groups):
+            if self.sizes[group] > self.cap:
+                self._prune(group)
+        return self.groups
 
 
-def cap_per_domain(domains: np.ndarray, cap: int, seed: int) -> np.ndarray:
-    """Sorted indices kept when each domain keeps at most ``cap`` of its entries (seeded)."""
-    rng = np.random.default_rng(seed)
-    kept = [np.arange(0)]
-    for domain in sorted(set(domains.tolist())):
-        members = np.flatnonzero(domains == domain)
-        if len(members) > cap:
-            members = np.sort(rng.choice(members, size=cap, replace=False))
-        kept.append(members)
-    return np.sort(np.concatenate(kept)).astype(np.int64)
+def _take(payload: object, rows: np.ndarray) -> object:
+    """Rows ``rows`` of a payload: anything with ``take`` (``Examples``), a tuple of them, or a
+    list (one entry per key)."""
+    if isinstance(payload, tuple):
+        return tuple(_take(p, rows) for p in payload)
+    if isinstance(payload, list):
+        return [payload[i] for i in rows]
+    if isinstance(payload, dict):
+        return {k: v[rows] for k, v in payload.items()}
+    return payload.take(rows)
 
 
-def cap_task(examples: Examples, cap: int, seed: int) -> Examples:
-    """At most ``cap`` rows of a task (seeded), renumbered 0..n-1; ``cap`` 0 keeps all."""
-    if cap <= 0 or len(examples) <= cap:
-        return examples
-    rng = np.random.default_rng(seed)
-    return renumber(examples.take(np.sort(rng.choice(len(examples), size=cap, replace=False))))
+# ---------------------------------------------------------------- checks
 
 
-def renumber(examples: Examples) -> Examples:
-    """The same rows with ids 0..n-1."""
-    examples.ids = np.arange(len(examples), dtype=np.int64)
-    return examples
-
-
-def summarize(corpus: Examples, tasks: dict[str, Examples], unit: str) -> PrepareSummary:
-    """Rows per corpus domain and per task, for the stage's one-line report."""
-    counts = dict(zip(*np.unique(corpus.domains.astype(str), return_counts=True), strict=True))
-    return PrepareSummary(
-        len(corpus),
-        {k: int(v) for k, v in counts.items()},
-        {k: len(v) for k, v in tasks.items()},
-        unit=unit,
-    )
-
-
-# ---------------------------------------------------------------- target leakage
+def check_holdout(domain: str, units: int, known: list[str], noun: Noun) -> None:
+    """Each held-out domain must exist and have two units (one for the task, one to keep)."""
+    if units == 0:
+        raise InputError(
+            f"prepare.holdout_domains: no {noun.many} in domain {domain!r} "
+            f"(domains: {', '.join(sorted(known))})"
+        )
+    if units < 2:
+        raise InputError(
+            f"prepare.holdout_domains: domain {domain!r} has one {noun.one}; "
+            "need two to hold one out"
+        )
 
 
 def check_no_shared_files(corpus_files: list[Path], task_files: dict[str, list[Path]]) -> None:
@@ -140,14 +206,14 @@ def check_no_shared_files(corpus_files: list[Path], task_files: dict[str, list[P
                 )
 
 
-def warn_verbatim_overlap(corpus_texts: list[str], held: dict[str, list[str]]) -> None:
-    """Warn when a task document's text also appears, verbatim, in the corpus (leakage)."""
-    digests = {hashlib.sha1(text.encode()).digest() for text in corpus_texts}
-    for name, texts in sorted(held.items()):
-        shared = sum(hashlib.sha1(text.encode()).digest() in digests for text in texts)
-        if shared:
+def warn_verbatim_overlap(shared: dict[str, tuple[int, int]]) -> None:
+    """Warn for each task with documents whose text also appears, verbatim, in the corpus.
+
+    ``shared``: task -> (documents also in the corpus, documents of the task)."""
+    for name, (count, total) in sorted(shared.items()):
+        if count:
             print(
-                f"warning: {shared} of {len(texts)} documents of task {name!r} also appear "
+                f"warning: {count} of {total} documents of task {name!r} also appear "
                 "verbatim in the corpus (target leakage: its loss will look better than it is)",
                 file=sys.stderr,
             )

@@ -1,315 +1,395 @@
-"""`grasp prepare`: read documents or images, split them (split.py), write corpus and tasks as one commit."""
+"""`grasp prepare`: stream documents or images into corpus and tasks, sharded, committed as a pair.
+
+``run_prepare`` builds the plan (inputs, holdout, caps, a key over the config and the inputs'
+stamps), runs this process's shard of the stream (``stream.run_shard``), and the shard that
+finds every shard done runs the final step (``stream.merge``) and commits corpus and tasks
+together (``commit_prepared``). A rerun whose corpus and tasks already come from the same
+plan does nothing (``--force`` rebuilds them).
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
-
-import numpy as np
+from dataclasses import dataclass
 
 from grasp_cli.artifacts.atomic import (
     _tmp_name,
+    atomic_write_text,
     creation_lock,
     replace_dir,
     sweep_debris,
     writing,
 )
-from grasp_cli.artifacts.examples import Examples, examples_to_table, write_examples
 from grasp_cli.artifacts.layout import RunLayout, check_safe_name
-from grasp_cli.artifacts.manifest import build_manifest, folder_digest, write_manifest
-from grasp_cli.artifacts.tables import write_table
-from grasp_cli.config import GraspConfig
-from grasp_cli.errors import ConfigError, InputError
-from grasp_cli.prepare.digits import DEMO_IMAGE_HOLDOUT, digits_demo
+from grasp_cli.artifacts.manifest import (
+    build_manifest,
+    check_prepared_pair,
+    folder_digest,
+    read_manifest,
+    write_manifest,
+)
+from grasp_cli.artifacts.sharded import SHARED_DEBRIS_MIN_AGE_S
+from grasp_cli.artifacts.shards import ShardSpec
+from grasp_cli.config import GraspConfig, semantic_section
+from grasp_cli.errors import ConfigError, GraspError, InputError
 from grasp_cli.prepare.documents import (
-    Document,
     default_demo_holdout,
-    demo_documents,
+    demo_sources,
     expand_inputs,
-    load_documents,
+    text_sources,
 )
 from grasp_cli.prepare.images import (
-    ImageRecord,
+    ImagePlan,
+    examples_units,
     expand_image_inputs,
+    image_sources,
     inputs_are_images,
     label_codes,
     load_image_records,
     records_to_examples,
+    scan_images,
     stack_records,
 )
-from grasp_cli.prepare.split import (
-    DOCUMENTS,
-    IMAGES,
-    PrepareSummary,
-    SplitSeeds,
-    cap_per_domain,
-    cap_task,
-    check_no_shared_files,
-    holdout_indices,
-    renumber,
-    summarize,
-    warn_verbatim_overlap,
+from grasp_cli.prepare.split import DOCUMENTS, IMAGES, PrepareSummary, check_no_shared_files
+from grasp_cli.prepare.stream import (
+    Merged,
+    Plan,
+    merge,
+    missing_shards,
+    plan_key,
+    remove_staging,
+    run_shard,
+    shards_done,
+    sweep_old_staging,
 )
-from grasp_cli.prepare.tokens import byte_sequences
+from grasp_cli.prepare.units import Source
+
+PLAN_SCHEMA = 1
+STAGING = ".grasp"
 
 
-def tokenize_documents(documents: list[Document], seq_len: int) -> Examples:
-    """Rows of byte tokens for ``documents``, in order (ids 0..n-1)."""
-    rows, domains, docs = [], [], []
-    for document in documents:
-        sequences = byte_sequences(document.text, seq_len)
-        rows.append(sequences)
-        domains += [document.domain] * len(sequences)
-        docs += [document.doc_id] * len(sequences)
-    tokens = np.concatenate(rows) if rows else np.zeros((0, seq_len + 1), np.int32)
-    return Examples(
-        np.arange(len(tokens), dtype=np.int64),
-        np.array(domains, dtype=object),
-        np.array(docs, dtype=object),
-        {"tokens": tokens},
-    )
+@dataclass
+class PrepareResult:
+    """What ``run_prepare`` did: the summary once corpus and tasks exist, or why not yet."""
+
+    summary: PrepareSummary | None
+    message: str = ""
 
 
-def run_prepare(config: GraspConfig, layout: RunLayout) -> PrepareSummary:
-    """``grasp prepare``: read the inputs (text or images), split them, write corpus and tasks."""
+def run_prepare(
+    config: GraspConfig,
+    layout: RunLayout,
+    shard: ShardSpec | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> PrepareResult:
+    """``grasp prepare`` for one shard (default: the whole job) of the inputs."""
+    shard = shard or ShardSpec()
+    plan = build_plan(config, layout)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with creation_lock(layout.corpus):
+        # only this stage's own debris: killed swaps, and staging of abandoned plans
+        sweep_debris(layout.root, [layout.corpus.name, layout.tasks.name])
+        sweep_old_staging(plan, SHARED_DEBRIS_MIN_AGE_S)
+        if not force and _committed(layout, plan):
+            remove_staging(plan, only_if_empty=True)  # an image plan scanned for nothing
+            return PrepareResult(_summary_of(layout), "up to date")
+        start = _corpus_fingerprint(layout)
+
+    def finished_elsewhere() -> bool:  # another process committed this plan since we started
+        return _committed(layout, plan) and _corpus_fingerprint(layout) != start
+
+    try:
+        run_shard(plan, shard, progress, finished_elsewhere)
+    except GraspError:
+        remove_staging(plan, only_if_empty=True)  # the shard removed its own folder
+        raise
+    with creation_lock(layout.corpus):
+        if finished_elsewhere():
+            return PrepareResult(_summary_of(layout), "finished by another shard")
+        stats = shards_done(plan, shard.count)
+        if stats is None:
+            left = missing_shards(plan, shard.count)
+            return PrepareResult(
+                None,
+                f"prepare: {shard} done; waiting for {len(left)} more shard(s) {left[:12]} "
+                "(the last one to finish writes corpus and tasks)",
+            )
+        try:
+            summary = _finalize(config, layout, plan, shard.count, stats)
+        except InputError:
+            remove_staging(plan)  # bad input over the whole: it cannot be prepared as it is
+            raise
+        remove_staging(plan)  # under the lock: a shard finishing now finds it committed
+    return PrepareResult(summary)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def build_plan(config: GraspConfig, layout: RunLayout) -> Plan:
+    """Sources, holdout and caps for this config; every shard of a job array builds the same."""
     section = config.prepare
-    seeds = SplitSeeds.from_seed(config.derived_seed(-1, "prepare"))
-    if section.demo_images or (not section.demo and inputs_are_images(section.inputs)):
-        corpus, tasks, extra = _split_images(config, seeds)
-        unit = "images"
-    else:
-        corpus, tasks = _split_text(config, seeds)
-        extra, unit = {}, "sequences"
-    if not tasks:
-        raise InputError("prepare: no target tasks; give --task NAME=PATH or --holdout-domains")
-    tasks = {
-        name: cap_task(examples, section.max_task_seqs, seeds.task_cap)
-        for name, examples in sorted(tasks.items())
-    }
-    write_prepared(config, layout, corpus, tasks, seeds.holdout, extra=extra)
-    return summarize(corpus, tasks, unit)
-
-
-def _split_text(config: GraspConfig, seeds: SplitSeeds) -> tuple[Examples, dict[str, Examples]]:
-    """Documents -> capped, held out, cut into byte sequences: the corpus and the tasks."""
-    section = config.prepare
+    seed = config.derived_seed(-1, "prepare")
+    images = section.demo_images or (not section.demo and inputs_are_images(section.inputs))
+    if images:
+        return _image_plan(config, layout, seed)
     if section.demo:
-        documents = demo_documents(section.demo_domains or None)
+        sources = demo_sources(section.demo_domains or None, section.seq_len)
         holdout = section.holdout_domains or ([] if section.tasks else default_demo_holdout())
+        patterns: list[str] = []
     else:
         if not section.inputs:
             raise InputError("prepare: no inputs; give files/folders/globs, or --demo")
-        documents = load_documents(section.inputs)
-        holdout = section.holdout_domains
-    if section.max_docs_per_domain > 0:
-        keep = cap_per_domain(_domains(documents), section.max_docs_per_domain, seeds.unit_cap)
-        documents = [documents[i] for i in keep]
-    chosen = holdout_indices(
-        _domains(documents), holdout, section.holdout_fraction, seeds.holdout, DOCUMENTS
-    )
-    held = {domain: [documents[i] for i in rows] for domain, rows in chosen.items()}
-    moved = {int(i) for rows in chosen.values() for i in rows}
-    documents = [d for i, d in enumerate(documents) if i not in moved]
-    if not section.demo:
         check_no_shared_files(
             expand_inputs(section.inputs),
             {name: expand_inputs([pattern]) for name, pattern in section.tasks.items()},
         )
-    for name, patterns in section.tasks.items():
-        held[name] = load_documents([patterns])
-    warn_verbatim_overlap(
-        [d.text for d in documents], {k: [d.text for d in v] for k, v in held.items()}
-    )
-    if not held:
+        sources = text_sources(section.inputs, section.seq_len)
+        holdout, patterns = section.holdout_domains, list(section.inputs)
+    tasks = {
+        name: text_sources([pattern], section.seq_len)
+        for name, pattern in sorted(section.tasks.items())
+    }
+    return _plan(config, layout, "tokens", sources, tasks, holdout, seed, patterns, {})
+
+
+def _plan(
+    config: GraspConfig,
+    layout: RunLayout,
+    kind: str,
+    sources: list[Source],
+    tasks: dict[str, list[Source]],
+    holdout: list[str],
+    seed: int,
+    patterns: list[str],
+    extra: dict,
+) -> Plan:
+    section = config.prepare
+    for name in [*tasks, *holdout]:
+        check_safe_name(name, "task name")
+    if not holdout and not tasks:
         raise InputError("prepare: no target tasks; give --task NAME=PATH or --holdout-domains")
-    corpus = tokenize_documents(documents, section.seq_len)
-    if section.max_seqs_per_domain > 0:
-        keep = cap_per_domain(corpus.domains, section.max_seqs_per_domain, seeds.row_cap)
-        corpus = renumber(corpus.take(keep))
-    if len(corpus) == 0:
-        raise InputError("prepare: the inputs give no sequences (documents shorter than 16 bytes?)")
-    tasks = {name: tokenize_documents(docs, section.seq_len) for name, docs in held.items()}
-    for name, examples in sorted(tasks.items()):
-        if len(examples) == 0:
-            raise InputError(
-                f"prepare: task {name!r} has no sequences (its documents are too short)"
-            )
-    return corpus, tasks
+    key = plan_key(
+        {
+            "schema": PLAN_SCHEMA,
+            "kind": kind,
+            "prepare": semantic_section(config, "prepare"),
+            "seed": seed,
+            "holdout": holdout,
+            "sources": [s.stamp for s in sources],
+            "tasks": {name: [s.stamp for s in group] for name, group in tasks.items()},
+        }
+    )
+    return Plan(
+        kind=kind,
+        sources=sources,
+        task_sources=tasks,
+        holdout=list(holdout),
+        fraction=section.holdout_fraction,
+        seed=seed,
+        unit_cap=section.max_docs_per_domain,
+        row_cap=section.max_seqs_per_domain if kind == "tokens" else 0,
+        task_cap=section.max_task_seqs,
+        shard_rows=section.shard_rows,
+        row_group_rows=section.row_group_rows,
+        key=key,
+        staging=layout.root / STAGING / f"prepare-{key}",
+        noun=DOCUMENTS if kind == "tokens" else IMAGES,
+        patterns=patterns,
+        manifest_extra=extra,
+    )
 
 
-def _domains(documents: list[Document]) -> np.ndarray:
-    return np.array([d.domain for d in documents], dtype=object)
-
-
-def _split_images(
-    config: GraspConfig, seeds: SplitSeeds
-) -> tuple[Examples, dict[str, Examples], dict]:
-    """Images (or the digits demo) -> capped, held out: the corpus, the tasks, manifest extras."""
+def _image_plan(config: GraspConfig, layout: RunLayout, seed: int) -> Plan:
+    """Images: the digits demo (one source), or image files scanned once for the plan."""
     section = config.prepare
     if section.demo:
         raise ConfigError("prepare.demo (text) and prepare.demo_images are exclusive; choose one")
-    corpus, tasks, class_names = _load_images(config, seeds.holdout)
     holdout = section.holdout_domains
-    if section.demo_images and not holdout and not section.tasks:
-        holdout = DEMO_IMAGE_HOLDOUT
-    if section.max_docs_per_domain > 0:
-        keep = cap_per_domain(corpus.domains, section.max_docs_per_domain, seeds.unit_cap)
-        corpus = renumber(corpus.take(keep))
-    chosen = holdout_indices(
-        corpus.domains, holdout, section.holdout_fraction, seeds.holdout, IMAGES
-    )
-    moved = np.zeros(len(corpus), dtype=bool)
-    for domain, rows in chosen.items():
-        tasks[domain] = renumber(corpus.take(rows))
-        moved[rows] = True
-    corpus = renumber(corpus.take(np.flatnonzero(~moved)))
-    if not tasks:
-        raise InputError("prepare: no target tasks; give --task NAME=PATH or --holdout-domains")
-    if len(corpus) == 0:
-        raise InputError("prepare: the corpus has no images left after holding out the tasks")
-    num_classes = int(corpus.fields["label"].max()) + 1
-    for name in sorted(tasks):
-        labels = tasks[name].fields["label"]
-        if labels.max() >= num_classes:
-            raise InputError(
-                f"task {name!r} has label {int(labels.max())} but the corpus only has labels "
-                f"0..{num_classes - 1}; a classifier trained on the corpus cannot predict it"
-            )
-    return corpus, tasks, ({"class_names": class_names} if class_names else {})
-
-
-def _load_images(config: GraspConfig, seed: int) -> tuple[Examples, dict[str, Examples], list[str]]:
-    """Corpus, ``--task`` tasks and class names from the configured inputs (or the digits demo)."""
-    section = config.prepare
     if section.demo_images:
         if section.inputs:
             raise ConfigError(
                 "prepare.demo_images builds its own corpus; drop the inputs or set demo_images = false"
             )
-        corpus = digits_demo(section.demo_image_shares, section.image_size, seed)
+        from grasp_cli.prepare.digits import DEMO_IMAGE_HOLDOUT, digits_demo
+
+        demo = digits_demo(section.demo_image_shares, section.image_size, seed)
+        stamp = f"digits:{sorted(section.demo_image_shares.items())}:{section.image_size}:{seed}"
+        sources = [Source("digits demo", len(demo), stamp, functools.partial(examples_units, demo))]
         tasks = {
-            name: _demo_task(load_image_records([pattern]), corpus.fields["image"].shape[1:], name)
-            for name, pattern in section.tasks.items()
+            name: [_demo_task_source(pattern, demo.fields["image"].shape[1:], name)]
+            for name, pattern in sorted(section.tasks.items())
         }
-        return corpus, tasks, []
+        if not holdout and not section.tasks:
+            holdout = DEMO_IMAGE_HOLDOUT
+        plan = _plan(config, layout, "image", sources, tasks, holdout, seed, [], {})
+        plan.manifest_extra["image_shape"] = list(demo.fields["image"].shape[1:])
+        return plan
     if not section.inputs:
         raise InputError(
             "prepare: no inputs; give image files/folders/globs, or prepare.demo_images"
         )
-    check_no_shared_files(
-        [path for path, _ in expand_image_inputs(section.inputs)],
-        {
-            name: [path for path, _ in expand_image_inputs([pattern])]
-            for name, pattern in section.tasks.items()
-        },
-    )
-    corpus_records = load_image_records(section.inputs)
-    task_records = {
-        name: load_image_records([pattern]) for name, pattern in sorted(section.tasks.items())
+    task_files = {
+        name: expand_image_inputs([pattern]) for name, pattern in sorted(section.tasks.items())
     }
-    everything = corpus_records + [r for records in task_records.values() for r in records]
-    codes, class_names = label_codes([r.label for r in everything])
-    images = stack_records(everything, section.image_size)
-    corpus = records_to_examples(
-        corpus_records, images[: len(corpus_records)], codes[: len(corpus_records)]
+    corpus_files = expand_image_inputs(section.inputs)
+    check_no_shared_files(
+        [path for path, _ in corpus_files],
+        {name: [path for path, _ in files] for name, files in task_files.items()},
     )
-    tasks = {}
-    start = len(corpus_records)
-    for name, records in task_records.items():
-        stop = start + len(records)
-        tasks[name] = records_to_examples(records, images[start:stop], codes[start:stop])
-        start = stop
-    return corpus, tasks, class_names
+    stub = ImagePlan((), False, section.image_size)  # sources are stamped before the scan
+    plan = _plan(
+        config,
+        layout,
+        "image",
+        image_sources(section.inputs, stub),
+        {name: image_sources([section.tasks[name]], stub) for name in task_files},
+        holdout,
+        seed,
+        list(section.inputs),
+        {},
+    )
+    everything = corpus_files + [f for files in task_files.values() for f in files]
+    images = _scanned(plan, everything, section.image_size)
+    plan.sources = image_sources(section.inputs, images)
+    plan.task_sources = {name: image_sources([section.tasks[name]], images) for name in task_files}
+    plan.manifest_extra["image_shape"] = list(images.shape)
+    if images.class_names:
+        plan.manifest_extra["class_names"] = list(images.class_names)
+    return plan
 
 
-def _demo_task(records: list[ImageRecord], shape: tuple[int, ...], name: str) -> Examples:
-    """A ``--task`` of the digits demo: resized to the demo's shape; labels must be digits 0..9."""
-    codes, names = label_codes([r.label for r in records])
-    if names:
-        raise InputError(
-            f"task {name!r}: the digits demo needs integer labels 0..9, got class names"
-        )
-    images = stack_records(records, int(shape[0]))
-    if images.shape[1:] != tuple(shape):
-        raise InputError(
-            f"task {name!r}: images have shape {list(images.shape[1:])}, the demo corpus {list(shape)}"
-        )
-    return records_to_examples(records, images, codes)
+def _scanned(plan: Plan, files: list, image_size: int) -> ImagePlan:
+    """The image plan of these inputs: scanned once (labels and headers) per staging folder."""
+    import json
+
+    path = plan.staging / "image-plan.json"
+    plan.staging.mkdir(parents=True, exist_ok=True)
+    with creation_lock(path):
+        if path.is_file():
+            return ImagePlan.from_json(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            images = scan_images(files, image_size)
+        except GraspError:
+            remove_staging(plan, only_if_empty=True)
+            raise
+        atomic_write_text(path, json.dumps(images.to_json()))
+        return images
 
 
-def write_prepared(
-    config: GraspConfig,
-    layout: RunLayout,
-    corpus: Examples,
-    tasks: dict[str, Examples],
-    seed: int,
-    extra: dict | None = None,
+def _demo_task_source(pattern: str, shape: tuple[int, ...], name: str) -> Source:
+    """A ``--task`` of the digits demo: resized to the demo's shape; labels must be 0..9."""
+
+    def units():
+        records = load_image_records([pattern])
+        codes, names = label_codes([r.label for r in records])
+        if names:
+            raise InputError(
+                f"task {name!r}: the digits demo needs integer labels 0..9, got class names"
+            )
+        images = stack_records(records, int(shape[0]))
+        if images.shape[1:] != tuple(shape):
+            raise InputError(
+                f"task {name!r}: images have shape {list(images.shape[1:])}, the demo corpus {list(shape)}"
+            )
+        yield from examples_units(records_to_examples(records, images, codes))
+
+    stamps = [
+        f"{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+        for path, _ in expand_image_inputs([pattern])
+    ]
+    return Source(pattern, 0, ";".join(stamps), units)
+
+
+# ---------------------------------------------------------------- the final step and the commit
+
+
+def _finalize(
+    config: GraspConfig, layout: RunLayout, plan: Plan, count: int, stats: list[dict]
+) -> PrepareSummary:
+    """Build corpus and tasks from every shard's staging folder and commit them (under the lock)."""
+    sweep_debris(layout.root, [layout.corpus.name, layout.tasks.name])
+    corpus_tmp, tasks_tmp = _tmp_name(layout.corpus), _tmp_name(layout.tasks)
+    try:
+        with writing(layout.corpus):
+            merged = merge(plan, count, stats, corpus_tmp, tasks_tmp)
+        commit_prepared(config, layout, plan, corpus_tmp, tasks_tmp, merged)
+    finally:
+        for tmp in (corpus_tmp, tasks_tmp):
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    unit = "sequences" if plan.kind == "tokens" else "images"
+    return PrepareSummary(merged.corpus_rows, merged.domains, merged.tasks, unit)
+
+
+def commit_prepared(
+    config: GraspConfig, layout: RunLayout, plan: Plan, corpus_tmp, tasks_tmp, merged: Merged
 ) -> None:
-    """Write corpus and tasks as one commit; manifests last, so nothing half-done looks complete.
+    """Commit corpus and tasks as one: manifests last, so nothing half-done looks complete.
 
     Both folders are built in full beside the run first; both manifests carry one
     ``prepare_id`` (a digest of both contents); only then are they swapped in, corpus first.
     A prepare killed between the two swaps leaves ids that differ, which every reader refuses
-    (``manifest.check_prepared_pair``): a new corpus is never paired with old tasks. Only this
-    stage's own debris (``.corpus.tmp-*``, ``.tasks.old-*``, ...) is swept from the run folder.
-    ``extra`` is added to the corpus manifest (e.g. an image corpus's class names).
+    (``manifest.check_prepared_pair``): a new corpus is never paired with old tasks.
     """
-    layout.root.mkdir(parents=True, exist_ok=True)
-    section = config.prepare
-    corpus_extra = {"rows": len(corpus), "kind": "image" if corpus.is_image else "tokens"}
-    if "tokens" in corpus.fields:
-        corpus_extra["seq_len"] = int(corpus.fields["tokens"].shape[1] - 1)
-    else:
-        corpus_extra["image_shape"] = list(corpus.fields["image"].shape[1:])
-        corpus_extra["num_classes"] = int(corpus.fields["label"].max()) + 1
-    corpus_extra.update(extra or {})
-    with creation_lock(layout.corpus):
-        sweep_debris(layout.root, [layout.corpus.name, layout.tasks.name])
-        corpus_tmp, tasks_tmp = _tmp_name(layout.corpus), _tmp_name(layout.tasks)
-        try:
-            with writing(layout.corpus):
-                corpus_tmp.mkdir()
-                corpus_paths = write_examples(
-                    corpus_tmp, corpus, section.shard_rows, section.row_group_rows
-                )
-            with writing(layout.tasks):
-                tasks_tmp.mkdir()
-                task_paths = []
-                for name, examples in tasks.items():
-                    path = tasks_tmp / f"{check_safe_name(name, 'task name')}.parquet"
-                    write_table(path, examples_to_table(examples), section.row_group_rows)
-                    task_paths.append(path)
-            del corpus_paths, task_paths
-            corpus_digest, tasks_digest = folder_digest(corpus_tmp), folder_digest(tasks_tmp)
-            prepare_id = hashlib.sha256(f"{corpus_digest}:{tasks_digest}".encode()).hexdigest()[:20]
-            write_manifest(
-                corpus_tmp,
-                build_manifest(
-                    layout,
-                    "corpus",
-                    config,
-                    seeds={"prepare": seed},
-                    content=corpus_digest,
-                    extra={**corpus_extra, "prepare_id": prepare_id},
-                ),
-            )
-            write_manifest(
-                tasks_tmp,
-                build_manifest(
-                    layout,
-                    "tasks",
-                    config,
-                    seeds={"prepare": seed},
-                    content=tasks_digest,
-                    extra={
-                        "tasks": {k: len(v) for k, v in tasks.items()},
-                        "prepare_id": prepare_id,
-                    },
-                ),
-            )
-            replace_dir(corpus_tmp, layout.corpus)
-            replace_dir(tasks_tmp, layout.tasks)
-        finally:
-            for tmp in (corpus_tmp, tasks_tmp):
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
+    corpus_digest, tasks_digest = folder_digest(corpus_tmp), folder_digest(tasks_tmp)
+    prepare_id = hashlib.sha256(f"{corpus_digest}:{tasks_digest}".encode()).hexdigest()[:20]
+    corpus_extra = {
+        "rows": merged.corpus_rows,
+        "kind": "tokens" if plan.kind == "tokens" else "image",
+        **({"seq_len": config.prepare.seq_len} if plan.kind == "tokens" else {}),
+        **merged.extra,
+        "domains": merged.domains,
+        "plan": plan.key,
+        "prepare_id": prepare_id,
+    }
+    seeds = {"prepare": plan.seed}
+    write_manifest(
+        corpus_tmp,
+        build_manifest(
+            layout, "corpus", config, seeds=seeds, content=corpus_digest, extra=corpus_extra
+        ),
+    )
+    tasks_extra = {"tasks": merged.tasks, "plan": plan.key, "prepare_id": prepare_id}
+    write_manifest(
+        tasks_tmp,
+        build_manifest(
+            layout, "tasks", config, seeds=seeds, content=tasks_digest, extra=tasks_extra
+        ),
+    )
+    replace_dir(corpus_tmp, layout.corpus)
+    replace_dir(tasks_tmp, layout.tasks)
+
+
+def _committed(layout: RunLayout, plan: Plan) -> bool:
+    """Corpus and tasks exist, complete, from this very plan and one prepare run."""
+    try:
+        manifests = [read_manifest(layout.corpus), read_manifest(layout.tasks)]
+        if any(m is None or not m.complete or m.extra.get("plan") != plan.key for m in manifests):
+            return False
+        check_prepared_pair(layout)
+    except GraspError:
+        return False
+    return True
+
+
+def _corpus_fingerprint(layout: RunLayout) -> str | None:
+    try:
+        manifest = read_manifest(layout.corpus)
+    except GraspError:
+        return None
+    return None if manifest is None else manifest.fingerprint + manifest.created
+
+
+def _summary_of(layout: RunLayout) -> PrepareSummary:
+    corpus, tasks = read_manifest(layout.corpus), read_manifest(layout.tasks)
+    unit = "images" if corpus.extra.get("kind") == "image" else "sequences"
+    return PrepareSummary(
+        int(corpus.extra.get("rows", 0)),
+        dict(corpus.extra.get("domains", {})),
+        dict(tasks.extra.get("tasks", {})),
+        unit,
+    )
