@@ -62,15 +62,18 @@ def _reference(inputs: Path, holdout: list[str], fraction: float, caps: dict) ->
     """The documented rules applied in memory: ids, holdout by hash, bottom-k caps."""
     seed = load_config(None).derived_seed(-1, "prepare")
     rows = []  # (id, domain, doc, tokens, unit_key, unit_no, row_key, held)
+    names = {}  # what the rules hash: the id, or a .txt's path below the folder named
     for input_no, path in enumerate(expand_inputs([str(inputs)])):
         next_row = 0
         for unit_index, document in enumerate(read_documents(path)):
             if not document.text.strip():
                 continue
+            name = path.relative_to(inputs).as_posix() if path.suffix == ".txt" else document.doc_id
+            names[document.doc_id] = name
             tokens = byte_sequences(document.text, SEQ_LEN)
-            held = document.domain in holdout and is_held(seed, document.doc_id, fraction)
-            keys = row_keys(seed, document.doc_id, 0, len(tokens))
-            ukey = unit_key(seed, "unit-cap", document.doc_id)
+            held = document.domain in holdout and is_held(seed, name, fraction)
+            keys = row_keys(seed, name, 0, len(tokens))
+            ukey = unit_key(seed, "unit-cap", name)
             for j in range(len(tokens)):
                 row_id = (input_no << 32) + next_row + j
                 unit_no = (input_no << 32) + unit_index
@@ -98,7 +101,7 @@ def _reference(inputs: Path, holdout: list[str], fraction: float, caps: dict) ->
     for domain in holdout:  # at least one unit held out, never all
         docs = {r[2]: r[7] for r in rows if r[1] == domain}
         if all(docs.values()) or not any(docs.values()):
-            rank = sorted(docs, key=lambda d: unit_key(seed, "holdout", d))
+            rank = sorted(docs, key=lambda d: unit_key(seed, "holdout", names[d]))
             flip = rank[0] if not any(docs.values()) else rank[-1]
             rows = [(*r[:7], not r[7]) if r[2] == flip else r for r in rows]
     rows = [r for r in rows if r[0] is not None]
@@ -176,7 +179,9 @@ def test_three_shards_give_the_same_corpus_as_one(tmp_path, case, monkeypatch):
         monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(index))
         monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
         outputs.append(ok("prepare", *_prepare_args(inputs, three, CASES[case])))
-    assert "waiting for 2 more shard(s)" in outputs[0] and outputs[2].startswith("corpus: ")
+    assert "waiting for 2 more (--shard 1, 2 of 3" in outputs[0] and outputs[2].startswith(
+        "corpus: "
+    )
     _assert_same_prepared(one, three)
     parts = sorted((three / "corpus").glob("part-*.parquet"))
     assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(len(parts))]

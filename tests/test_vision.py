@@ -19,7 +19,7 @@ from grasp_cli.artifacts.examples import IMAGE_SHAPE_KEY, read_examples, read_ta
 from grasp_cli.artifacts.manifest import read_manifest
 from grasp_cli.config import load_config
 from grasp_cli.errors import InputError
-from grasp_cli.prepare.split import is_held
+from grasp_cli.prepare.split import is_held, unit_key
 
 ROOT = Path(__file__).resolve().parent.parent
 VISION_CI = ROOT / "configs" / "vision-ci.toml"
@@ -58,9 +58,17 @@ def _png_tree(
                 )
 
 
-def _prepare_seed() -> int:
-    """The seed prepare derives from the default run.seed (what its holdout hash uses)."""
-    return load_config(None).derived_seed(-1, "prepare")
+def _held(names: list[str], fraction: float) -> set[str]:
+    """The images prepare holds out of one domain: those whose seeded hash falls below
+    ``fraction``; at least one (the smallest hash), never all (the largest stays)."""
+    seed = load_config(None).derived_seed(-1, "prepare")
+    held = {name for name in names if is_held(seed, name, fraction)}
+    rank = sorted(names, key=lambda name: unit_key(seed, "holdout", name))
+    if not held:
+        held = {rank[0]}
+    elif len(held) == len(names):
+        held.discard(rank[-1])
+    return held
 
 
 def _bad(cli, tmp_path: Path, *args) -> str:
@@ -84,10 +92,10 @@ def test_png_folder_tree_gives_domains_labels_and_pixels(cli, tmp_path):
     assert code == 0, err
     corpus = read_examples(run / "corpus")
     tasks = read_tasks(run / "tasks")
-    # 18 images; the seeded hash of each image's id decides whether it is held out
-    screen = [str(p) for p in sorted((tmp_path / "imgs" / "screen").rglob("*.png"))]
-    held = {doc for doc in screen if is_held(_prepare_seed(), doc, 0.25)}
-    assert 0 < len(held) < 9
+    # 18 images; the seeded hash of each image's path below imgs/ decides whether it is held out
+    screen = sorted((tmp_path / "imgs" / "screen").rglob("*.png"))
+    held = _held([p.relative_to(tmp_path / "imgs").as_posix() for p in screen], 0.25)
+    held = {str(tmp_path / "imgs" / name) for name in held}
     assert corpus.fields["image"].shape == (18 - len(held), 8, 8)
     assert corpus.fields["image"].dtype == np.uint8
     assert list(tasks) == ["screen"] and set(tasks["screen"].domains.tolist()) == {"screen"}
@@ -156,8 +164,7 @@ def test_inputs_on_the_command_line_replace_the_image_demo(cli, tmp_path):
         "--holdout-domains", "c",
     )  # fmt: skip
     assert code == 0, err
-    held = sum(is_held(_prepare_seed(), f"{tmp_path / 'c.npz'}#{i}", 0.5) for i in range(6))
-    assert 0 < held < 6  # holdout_fraction 0.5, decided per image by its seeded hash
+    held = len(_held([f"c.npz#{i}" for i in range(6)], 0.5))  # decided per image by its hash
     assert out.startswith(f"corpus: {6 - held} images in 1 domains")
     assert read_examples(run / "corpus").fields["image"].shape == (6 - held, 8, 8)
 

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from grasp_cli.artifacts.atomic import _tmp_name, atomic_dir, creation_lock, sweep_debris
+from grasp_cli.artifacts.layout import SCRATCH
 from grasp_cli.artifacts.tables import parquet_file, read_table, require_columns, write_table
 from grasp_cli.errors import InputError
 
@@ -633,7 +634,7 @@ def build_row_store(corpus: Corpus) -> dict[str, RowFile]:
     """The flat row files of ``corpus`` in ``<run>/.grasp/rows-<signature>/``: built once
     (streamed, one row group at a time) under a lock, reused while the corpus is unchanged;
     row stores of earlier corpora are removed when a new one is built."""
-    cache = corpus.folder.parent / ".grasp"
+    cache = corpus.folder.parent / SCRATCH
     folder = cache / f"rows-{corpus.signature()}"
     with creation_lock(cache / "rows"):
         if not (folder / ROW_STORE_INFO).is_file():

@@ -82,7 +82,13 @@ def walk_files(root: Path) -> list[Path]:
 def expand_inputs(patterns: list[str]) -> list[Path]:
     """Files named by paths, folders (searched recursively) or globs; sorted, each file once
     (by its resolved path: a file reached twice through symlinks is read once)."""
-    files: list[Path] = []
+    return [path for path, _ in expand_inputs_with_roots(patterns)]
+
+
+def expand_inputs_with_roots(patterns: list[str]) -> list[tuple[Path, Path]]:
+    """``expand_inputs`` with, for each file, the folder its name is taken relative to: the
+    folder the user named, or the file's own folder for a file or glob."""
+    files: list[tuple[Path, Path]] = []
     seen: set[Path] = set()
     for pattern in patterns:
         path = Path(pattern)
@@ -104,7 +110,7 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
             real = match.resolve()
             if real not in seen:
                 seen.add(real)
-                files.append(match)
+                files.append((match, path if path.is_dir() else match.parent))
     return files
 
 
@@ -234,16 +240,18 @@ def _txt_has_text(path: Path) -> bool:
     return False
 
 
-def text_units(path: Path, seq_len: int) -> Iterator[Unit]:
+def text_units(path: Path, seq_len: int, root: Path | None = None) -> Iterator[Unit]:
     """The units of one text file: each document with its byte-sequence rows. A .txt is
-    streamed in chunks (never held whole); empty documents are read but ``skip``ped."""
+    streamed in chunks (never held whole); empty documents are read but ``skip``ped. A .txt's
+    id is its path; its key (what the split hashes) is the path relative to ``root``."""
     if path.suffix == ".txt":
         domain = path.parent.name or "default"
+        key = path.relative_to(root).as_posix() if root is not None else path.name
         if not _txt_has_text(path):
-            yield Unit(str(path), domain, str(path), (), skip=True)
+            yield Unit(str(path), domain, str(path), (), skip=True, key=key)
             return
         digest = hashlib.sha1()
-        unit = Unit(str(path), domain, str(path), ())
+        unit = Unit(str(path), domain, str(path), (), key=key)
 
         def blocks() -> Iterator[dict[str, np.ndarray]]:
             for rows in sequences_of_chunks(_txt_chunks(path, digest), seq_len):
@@ -273,7 +281,7 @@ def document_unit(document: Document, seq_len: int) -> Unit:
 def text_sources(patterns: list[str], seq_len: int) -> list[Source]:
     """One ``Source`` per input file (see ``expand_inputs``)."""
     sources = []
-    for path in expand_inputs(patterns):
+    for path, root in expand_inputs_with_roots(patterns):
         try:
             info = path.stat()
         except OSError as exc:
@@ -283,7 +291,7 @@ def text_sources(patterns: list[str], seq_len: int) -> list[Source]:
                 str(path),
                 info.st_size,
                 f"{path.resolve()}:{info.st_size}:{info.st_mtime_ns}",
-                functools.partial(text_units, path, seq_len),
+                functools.partial(text_units, path, seq_len, root),
             )
         )
     return sources
@@ -323,24 +331,6 @@ def document_id(raw: object, where: str, default: str) -> str:
     raise InputError(f"{where}: id {raw!r} must be a string or an integer")
 
 
-def load_documents(patterns: list[str]) -> list[Document]:
-    """All documents of the inputs; duplicate ids and empty input are errors."""
-    documents: list[Document] = []
-    seen: dict[str, str] = {}
-    for path in expand_inputs(patterns):
-        for document in read_documents(path):
-            if document.doc_id in seen:
-                raise InputError(
-                    f"{document.source}: duplicate id {document.doc_id!r} (first seen at {seen[document.doc_id]})"
-                )
-            seen[document.doc_id] = document.source
-            if document.text.strip():
-                documents.append(document)
-    if not documents:
-        raise InputError(f"{', '.join(patterns)}: no non-empty documents found")
-    return documents
-
-
 # ---------------------------------------------------------------- demo corpus
 
 _TOP_LEVEL = re.compile(r"^(?:@.*\n)*(?:async def |def |class )", re.MULTILINE)
@@ -351,11 +341,6 @@ def split_python_source(text: str) -> list[str]:
     cuts = [0] + [match.start() for match in _TOP_LEVEL.finditer(text)] + [len(text)]
     pieces = [text[start:stop] for start, stop in itertools.pairwise(cuts)]
     return [piece for piece in pieces if piece.strip()]
-
-
-def demo_documents(domains: list[str] | None = None) -> list[Document]:
-    """Real text shipped with Python: pydoc's language reference ('docs') and stdlib packages."""
-    return [document for source in _demo_pieces(domains) for document in source[3]()]
 
 
 def demo_sources(domains: list[str] | None, seq_len: int) -> list[Source]:

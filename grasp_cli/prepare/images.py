@@ -323,13 +323,9 @@ def read_npz(path: Path) -> list[ImageRecord]:
     ]
 
 
-def read_image_parquet(path: Path) -> list[ImageRecord]:
-    """Rows of a ``.parquet`` with ``image``, ``label`` and optional ``domain`` columns."""
-    return list(iter_image_parquet(path))
-
-
 def iter_image_parquet(path: Path, header_only: bool = False) -> Iterator[ImageRecord]:
-    """``read_image_parquet`` streamed by record batches (``header_only``: shapes, no pixels)."""
+    """Rows of a ``.parquet`` with ``image``, ``label`` and optional ``domain`` columns, streamed
+    by record batches (``header_only``: shapes, no pixels)."""
     handle = parquet_file(path)
     schema = handle.schema_arrow
     names = schema.names
@@ -592,8 +588,12 @@ def scan_images(files: list[tuple[Path, Path | None]], image_size: int) -> Image
     return ImagePlan(base + ((3,) if colour else ()), colour, image_size, tuple(sorted(named)))
 
 
-def records_to_units(records: list[ImageRecord], plan: ImagePlan) -> Iterator[Unit]:
-    """Units of decoded ``records``: promoted and resized as ``plan`` says, one row each."""
+def records_to_units(
+    records: list[ImageRecord], plan: ImagePlan, path: Path | None = None, root: Path | None = None
+) -> Iterator[Unit]:
+    """Units of decoded ``records`` of the file ``path``: promoted and resized as ``plan``
+    says, one row each; their keys name the file relative to ``root`` (the folder the user
+    named, else the file's own folder)."""
     if not records:
         return
     images = stack_records(records, plan.size, plan.colour)
@@ -603,12 +603,18 @@ def records_to_units(records: list[ImageRecord], plan: ImagePlan) -> Iterator[Un
             f"{list(plan.shape)}; set prepare.image_size to resize all images to one size"
         )
     labels = plan.codes([r.label for r in records])
+    prefix = str(path) if path is not None else ""
+    relative = (path.relative_to(root) if root is not None else Path(path.name)) if path else None
     for index, record in enumerate(records):
+        key = ""
+        if relative is not None and record.doc.startswith(prefix):
+            key = relative.as_posix() + record.doc[len(prefix) :]
         yield Unit(
             record.doc,
             record.domain,
             record.source,
             ({"image": images[index : index + 1], "label": labels[index : index + 1]},),
+            key=key,
         )
 
 
@@ -618,9 +624,9 @@ def image_units(path: Path, root: Path | None, plan: ImagePlan) -> Iterator[Unit
     for record in iter_records(path, root):
         batch.append(record)
         if len(batch) >= IMAGE_BATCH_ROWS:
-            yield from records_to_units(batch, plan)
+            yield from records_to_units(batch, plan, path, root)
             batch = []
-    yield from records_to_units(batch, plan)
+    yield from records_to_units(batch, plan, path, root)
 
 
 def image_sources(patterns: list[str], plan: ImagePlan) -> list[Source]:

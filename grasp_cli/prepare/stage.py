@@ -22,7 +22,7 @@ from grasp_cli.artifacts.atomic import (
     sweep_debris,
     writing,
 )
-from grasp_cli.artifacts.layout import RunLayout, check_safe_name
+from grasp_cli.artifacts.layout import SCRATCH, RunLayout, check_safe_name
 from grasp_cli.artifacts.manifest import (
     build_manifest,
     check_prepared_pair,
@@ -67,7 +67,6 @@ from grasp_cli.prepare.stream import (
 from grasp_cli.prepare.units import Source
 
 PLAN_SCHEMA = 1
-STAGING = ".grasp"
 
 
 @dataclass
@@ -114,8 +113,9 @@ def run_prepare(
             left = missing_shards(plan, shard.count)
             return PrepareResult(
                 None,
-                f"prepare: {shard} done; waiting for {len(left)} more shard(s) {left[:12]} "
-                "(the last one to finish writes corpus and tasks)",
+                f"prepare: {shard} done; waiting for {len(left)} more (--shard "
+                f"{', '.join(map(str, left[:12]))}{' ...' if len(left) > 12 else ''} of "
+                f"{shard.count}; the last one to finish writes corpus and tasks)",
             )
         try:
             summary = _finalize(config, layout, plan, shard.count, stats)
@@ -196,7 +196,7 @@ def _plan(
         shard_rows=section.shard_rows,
         row_group_rows=section.row_group_rows,
         key=key,
-        staging=layout.root / STAGING / f"prepare-{key}",
+        staging=layout.root / SCRATCH / f"prepare-{key}",
         noun=DOCUMENTS if kind == "tokens" else IMAGES,
         patterns=patterns,
         manifest_extra=extra,

@@ -284,14 +284,11 @@ class _Reserve:
         self.best[domain][slot] = [hkey, unit_no, doc, writer.folder.name]
 
 
-BATCH_ROWS = 8192
-
-
 class _Batch:
-    """Rows of consecutive units gathered so that ids, keys and the split into corpus and
-    tasks are computed once per batch of rows instead of once per unit (most units are a
-    handful of rows). Flushed before any unit that takes the slow path, so every sink still
-    receives its rows in id order."""
+    """Rows of consecutive units (up to a row group) gathered so that ids, keys and the split
+    into corpus and tasks are computed once per batch of rows instead of once per unit (most
+    units are a handful of rows). Flushed before any unit that takes the slow path, so every
+    sink still receives its rows in id order."""
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
@@ -304,20 +301,20 @@ class _Batch:
         ] = []  # (first id, first position in unit, domain, doc, unit_no, held)
         self.rows = 0
 
-    def add(self, block, first_id, first, domain, doc, unit_no, held) -> None:
+    def add(self, block, first_id, first, domain, doc, name, unit_no, held) -> None:
         self.blocks.append(block)
-        self.meta.append((first_id, first, domain, doc, unit_no, held))
+        self.meta.append((first_id, first, domain, doc, name, unit_no, held))
         self.rows += len(next(iter(block.values())))
 
     def flush(self, corpus: _RowSink, held_sinks: dict[str, _RowSink]) -> None:
         if not self.blocks:
             return
         counts = np.array([len(next(iter(b.values()))) for b in self.blocks], dtype=np.int64)
-        first_ids, firsts, domains, docs, unit_nos, held = zip(*self.meta, strict=True)
+        first_ids, firsts, domains, docs, names, unit_nos, held = zip(*self.meta, strict=True)
         within = np.arange(self.rows, dtype=np.int64) - np.repeat(
             np.cumsum(counts) - counts, counts
         )
-        bases = np.array([unit_key(self.plan.seed, "rows", d) for d in docs], dtype=np.uint64)
+        bases = np.array([unit_key(self.plan.seed, "rows", n) for n in names], dtype=np.uint64)
         rows = Examples(
             np.repeat(np.array(first_ids, dtype=np.int64), counts) + within,
             np.repeat(np.array(domains, dtype=object), counts),
@@ -377,11 +374,11 @@ def _stream(plan: Plan, shard: ShardSpec, folder: Path, progress: bool) -> dict:
                 ledger.add(unit.doc, b"", unit_no, SKIPPED_ROLE)
                 continue
             domain = unit.domain
-            hkey = unit_key(plan.seed, "holdout", unit.doc) if domain in role_of else 0
+            hkey = unit_key(plan.seed, "holdout", unit.name) if domain in role_of else 0
             take_out = domain in role_of and hkey < limit
             units[domain] = units.get(domain, 0) + 1
             held_units[domain] = held_units.get(domain, 0) + take_out
-            ukey = unit_key(plan.seed, "unit-cap", unit.doc) if unit_capped else 0
+            ukey = unit_key(plan.seed, "unit-cap", unit.name) if unit_capped else 0
             copy = None
             if domain in role_of and not unit_capped:
                 copy = reserve.writer(domain, take_out, hkey, unit_no)
@@ -400,10 +397,12 @@ def _stream(plan: Plan, shard: ShardSpec, folder: Path, progress: bool) -> dict:
                     )
                 if fast:
                     first_id = (input_no << ROW_BITS) + next_row
-                    batch.add(block, first_id, first, domain, unit.doc, unit_no, take_out)
+                    batch.add(
+                        block, first_id, first, domain, unit.doc, unit.name, unit_no, take_out
+                    )
                     next_row += count
                     first += count
-                    if batch.rows >= BATCH_ROWS:
+                    if batch.rows >= plan.row_group_rows:
                         batch.flush(corpus, held)
                     continue
                 ids = (input_no << ROW_BITS) + next_row + np.arange(count, dtype=np.int64)
@@ -416,7 +415,7 @@ def _stream(plan: Plan, shard: ShardSpec, folder: Path, progress: bool) -> dict:
                 keys = {
                     "_unit_key": np.full(count, ukey, dtype=np.uint64),
                     "_unit_no": np.full(count, unit_no, dtype=np.int64),
-                    "_row_key": row_keys(plan.seed, unit.doc, first, count),
+                    "_row_key": row_keys(plan.seed, unit.name, first, count),
                 }
                 next_row += count
                 first += count
@@ -928,7 +927,7 @@ def _spill_task_files(
             keys = {
                 "_unit_key": np.zeros(count, np.uint64),
                 "_unit_no": np.zeros(count, np.int64),
-                "_row_key": row_keys(plan.seed, unit.doc, first, count),
+                "_row_key": row_keys(plan.seed, unit.name, first, count),
             }
             sink.add(rows, keys)
             next_row += count

@@ -8,7 +8,7 @@ unit at hand. Shards of ``grasp prepare --shard I --num-shards N`` split the sou
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,7 +22,9 @@ class Unit:
     (``{"tokens": int32 [R, W]}`` or ``{"image": uint8 [R, ...], "label": int64 [R]}``), in
     pieces for a long text. ``digest`` (text only) is the sha1 of its text, known once
     ``blocks`` is consumed. ``skip`` marks a unit that is read but holds nothing (an empty
-    document): its id still counts against duplicates.
+    document): its id still counts against duplicates. ``key`` is what the seeded decisions
+    hash (``doc`` when empty): an id made of a path drops the folder the user named, so the
+    same data gives the same split wherever it is stored.
     """
 
     doc: str
@@ -31,7 +33,12 @@ class Unit:
     blocks: Iterable[dict[str, np.ndarray]]
     digest: bytes = b""
     skip: bool = False
-    meta: dict = field(default_factory=dict)
+    key: str = ""
+
+    @property
+    def name(self) -> str:
+        """The name the seeded keys are taken of."""
+        return self.key or self.doc
 
 
 @dataclass(frozen=True)

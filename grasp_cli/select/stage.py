@@ -172,7 +172,7 @@ def run_select(ctx: StageContext, export=None) -> str:
         mode = write_export(
             export,
             layout,
-            (len(rows), corpus.iter_rows(np.sort(rows))),
+            (len(rows), corpus.iter_rows(np.sort(rows), ctx.config.prepare.row_group_rows)),
             force=ctx.force,
             shard_rows=ctx.config.prepare.shard_rows,
             row_group_rows=ctx.config.prepare.row_group_rows,
