@@ -52,11 +52,10 @@ from grasp_cli.prepare.images import (
     scan_images,
     stack_records,
 )
+from grasp_cli.prepare.merge import Merged, merge
 from grasp_cli.prepare.split import DOCUMENTS, IMAGES, PrepareSummary, check_no_shared_files
 from grasp_cli.prepare.stream import (
-    Merged,
     Plan,
-    merge,
     missing_shards,
     plan_key,
     remove_staging,
