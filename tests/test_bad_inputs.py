@@ -639,7 +639,9 @@ def test_export_creates_replaces_its_own_and_never_deletes_user_files(base, tmp_
         shutil.copytree(base / artifact, run / artifact)
     export = tmp_path / "export"
     assert _select(run, "--export", export)[0] == 0
-    selected = sorted(pq.read_table(run / "selection" / "selected.parquet").column("id").to_pylist())
+    selected = sorted(
+        pq.read_table(run / "selection" / "selected.parquet").column("id").to_pylist()
+    )
     parts = sorted(export.glob("part-*.parquet"))
     assert parts and (export / "_grasp_export.json").is_file()
     assert sorted(pq.read_table(parts[0]).column("id").to_pylist()) == selected

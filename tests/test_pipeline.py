@@ -172,7 +172,9 @@ def test_surrogate_tables(run):
         if finite:  # the protocol picks the highest lower confidence bound
             assert chosen[0]["lcb"] == pytest.approx(max(finite))
     grasp_candidates = [r for r in lcb if r["method"] == "grasp" and r["n_fit"] == n_fit]
-    assert len(grasp_candidates) == 2 * 2 * 2 * 2  # k_grid x alignment_grid x geometry_grid x ridge_grid
+    assert (
+        len(grasp_candidates) == 2 * 2 * 2 * 2
+    )  # k_grid x alignment_grid x geometry_grid x ridge_grid
     chosen = next(r for r in grasp_candidates if r["chosen"])
     model = params["grasp"]  # the model refit on all fit subsets is the chosen candidate
     assert (model["k"], model["geometry"], float(model["ridge"]), model["n_fit"]) == (

@@ -35,7 +35,6 @@ from grasp_cli.sketch.gradients import linear_signals, linear_sites, per_example
 SEQ = 8
 
 
-
 def assert_float32_close(actual, expected, rtol: float = 1e-4) -> None:
     """Float32 sketches from two code paths (vmap vs loop, batch of 3 vs 8) agree to rounding:
     relative error ~1e-6 per element, but an element near 0 is a sum whose rounding error
@@ -43,6 +42,7 @@ def assert_float32_close(actual, expected, rtol: float = 1e-4) -> None:
     expected = np.asarray(expected)
     scale = float(np.abs(expected).max()) or 1.0
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=1e-5 * scale)
+
 
 def tiny_lm(seed: int = 0) -> ModelBundle:
     """1-layer, width-16 byte LM with weights perturbed away from init so every layer has gradient."""

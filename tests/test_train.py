@@ -157,7 +157,13 @@ def test_train_many_matches_sequential_train(lm, corpus):
     init = train(lm, corpus, np.arange(N), RECIPE, seed=9).state_dict
     for eps in (1e-3, 1e-8):
         recipe = TrainRecipe(
-            steps=10, batch_size=8, lr=3e-3, weight_decay=0.1, warmup_steps=2, grad_clip=0.5, eps=eps
+            steps=10,
+            batch_size=8,
+            lr=3e-3,
+            weight_decay=0.1,
+            warmup_steps=2,
+            grad_clip=0.5,
+            eps=eps,
         )
         sequential = [
             train(lm, corpus, s, recipe, seed, init_state=init)
