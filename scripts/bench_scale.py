@@ -1,18 +1,25 @@
 """Benchmark memory and throughput at scale: peak RSS of every stage at N and 10N corpus rows.
 
-    python scripts/bench_scale.py [--n 20000] [--factor 10] [--select-n 10000000] [--json FILE]
+    python scripts/bench_scale.py [--n 200000] [--factor 10] [--select-n 10000000]
+                                  [--prepare-mb 100] [--json FILE]
 
-Synthetic documents (jsonl, 8 domains, a few rows each) make a corpus of about N rows and
-one of ``factor``·N rows. Every stage runs through the real CLI in its own process, and its
-peak resident memory is read from the kernel for that process alone (``os.wait4``), so the
-figures are what a user's job would need. Reported:
+Synthetic documents (jsonl, 8 domains, 1-7 rows each) make a corpus of about N rows and one
+of ``factor``·N rows (16-byte rows and a tiny LM, so that sketching millions of rows stays
+cheap; memory per row is what is measured). Every stage runs through the real CLI in its own
+process, and its peak resident memory is read from the kernel for that process alone
+(``os.wait4``): what a user's job would need. Reported:
 
-- peak RSS of prepare, sketch, retrain-subsets, fit-surrogate, score, select (and the
-  streamed ``select --export``) at N and factor·N, and the growth ``peak(10N) / peak(N)``;
-- prepare's throughput at factor·N in documents/s and MB/s, against a plain read of the
-  same files (bytes only) and a plain parse (``json.loads`` of every line);
-- ``stream_select`` on a synthetic sketch array of ``--select-n`` rows, k = 128: wall time,
-  passes, and the ratio to one plain read of the array (see ``bench_select.py``).
+- peak RSS of prepare, sketch, retrain-subsets, fit-surrogate, score, select and the
+  streamed ``select --export`` at N and factor·N, and the growth ``peak(10N) / peak(N) - 1``.
+  Stages hold fixed-size buffers (a row group, a sketch chunk, two 65,536-row blocks of the
+  sketch array, B selected rows), so N must exceed them (the default does) for the growth to
+  show what is held per corpus row; ``select.budget`` is a fixed count for the same reason;
+- prepare's throughput on ``--prepare-mb`` MB of jsonl (64-byte rows) in documents/s and
+  MB/s, against a plain read of the same files (bytes only) and a plain parse
+  (``json.loads`` of every line);
+- ``stream_select`` on a synthetic sketch array of ``--select-n`` rows, k = 128, B = N/10,
+  stored as ``grasp sketch`` stores it (no compressor): wall time, passes, and the ratio to
+  one plain read of the array (see ``bench_select.py``).
 
 Prints a table and, with ``--json``, writes every figure to FILE. ``measure_stages`` is
 also what ``tests/test_scale.py`` runs at a small N.
@@ -50,7 +57,7 @@ seed = 0
 threads = 1
 
 [prepare]
-seq_len = 64
+seq_len = {seq_len}
 holdout_domains = ["d0"]
 holdout_fraction = 0.02
 max_task_seqs = 256
@@ -104,16 +111,18 @@ cost_curve = [6]
 chunk_rows = {chunk_rows}
 
 [select]
-budget = 0.25
+budget = 2000      # a fixed count: the rows select holds grow with B, by design, not with N
 block_rows = {chunk_rows}
 greedy_max_n = 0   # always the streaming method (exact greedy reads phi whole, by design)
 """
 
 
-def recipe(row_group_rows: int = 8192, chunk_rows: int = 8192) -> str:
-    """The benchmark's config: a tiny byte LM; buffers of ``row_group_rows`` rows in prepare
-    and ``chunk_rows`` rows in sketch, score and select (memory is flat once N exceeds them)."""
-    return RECIPE.format(row_group_rows=row_group_rows, chunk_rows=chunk_rows)
+def recipe(row_group_rows: int = 8192, chunk_rows: int = 8192, seq_len: int = 16) -> str:
+    """The benchmark's config: a tiny byte LM on rows of ``seq_len`` bytes; buffers of
+    ``row_group_rows`` rows in prepare and ``chunk_rows`` rows in sketch, score and select
+    (memory is flat once N exceeds every buffer; fit-surrogate, score and select also read
+    the sketch array in blocks of 65,536 rows)."""
+    return RECIPE.format(row_group_rows=row_group_rows, chunk_rows=chunk_rows, seq_len=seq_len)
 
 
 def write_documents(
@@ -182,13 +191,18 @@ def grasp_command(stage: str, config: Path, run: Path, inputs: Path) -> list[str
 
 
 def measure_stages(
-    root: Path, rows: int, stages: list[str] = STAGES, config_text: str | None = None
+    root: Path,
+    rows: int,
+    stages: list[str] = STAGES,
+    config_text: str | None = None,
+    seq_len: int = 16,
 ) -> dict:
-    """Peak RSS and wall time of each stage on a synthetic corpus of about ``rows`` rows."""
+    """Peak RSS and wall time of each stage on a synthetic corpus of about ``rows`` rows of
+    ``seq_len`` bytes (``config_text`` must use the same ``prepare.seq_len``)."""
     inputs = root / f"docs-{rows}"
-    made = write_documents(inputs, rows)
+    made = write_documents(inputs, rows, seq_len)
     config = root / "recipe.toml"
-    config.write_text(config_text or recipe())
+    config.write_text(config_text or recipe(seq_len=seq_len))
     run = root / f"run-{rows}"
     env = {**os.environ, "GRASP_PROGRESS": "0", "PYTHONPATH": str(REPO)}
     env.pop("GRASP_DEBUG", None)
@@ -210,9 +224,9 @@ def throughput(root: Path, megabytes: float) -> dict:
     plain read of the same files and a plain ``json.loads`` of every line."""
     rows = int(megabytes * 1e6 / 80)  # about 80 bytes of jsonl per 64-byte row
     inputs = root / "throughput"
-    made = write_documents(inputs, rows, files=8, seed=1)
+    made = write_documents(inputs, rows, seq_len=64, files=8, seed=1)
     config = root / "throughput.toml"
-    config.write_text(recipe())
+    config.write_text(recipe(seq_len=64))
     run = root / "run-throughput"
     env = {**os.environ, "GRASP_PROGRESS": "0", "PYTHONPATH": str(REPO)}
     result = run_measured(grasp_command("prepare", config, run, inputs), env)
@@ -261,7 +275,7 @@ def bench_select(n: int, k: int, tmp: Path) -> dict:
     import bench_select
 
     t0 = time.perf_counter()
-    arr = bench_select.write_sketches(tmp / "phi.zarr", n, k, 65_536, 0)
+    arr = bench_select.write_sketches(tmp / "phi.zarr", n, k, 65_536, 0, compressed=False)
     write_s = time.perf_counter() - t0
     try:
         run = bench_select.run_size(
@@ -278,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--n", type=int, default=20_000, help="corpus rows of the small run")
+    parser.add_argument("--n", type=int, default=200_000, help="corpus rows of the small run")
     parser.add_argument("--factor", type=int, default=10, help="the large run has factor·N rows")
     parser.add_argument("--select-n", type=int, default=10_000_000, help="rows for select")
     parser.add_argument("--prepare-mb", type=float, default=100.0, help="MB of jsonl for prepare")

@@ -512,7 +512,7 @@ def _ledger_runs(shard_dirs: list[Path]) -> list[np.ndarray]:
     ]
 
 
-BUCKET_ENTRIES = 1 << 22  # ledger entries compared at once (32 bytes each)
+BUCKET_ENTRIES = 1 << 20  # ledger entries compared at once (32 bytes each: 32 MiB)
 
 
 def _check_duplicates(plan: Plan, shard_dirs: list[Path]) -> None:

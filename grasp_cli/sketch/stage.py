@@ -57,7 +57,16 @@ def run_sketch(ctx: StageContext) -> str:
 
     def skeleton(folder: Path) -> dict[str, dict[str, str]]:
         group = zarr.open_group(str(folder), mode="w")
-        group.create_array("train", shape=(n_rows, k), chunks=(chunk, k), dtype=dtype, fill_value=0)
+        # no compressor: gradient sketches are noise to zstd (~7 % smaller), and every pass of
+        # fit-surrogate, score and select decodes them (about 1.5x faster reads uncompressed)
+        group.create_array(
+            "train",
+            shape=(n_rows, k),
+            chunks=(chunk, k),
+            dtype=dtype,
+            fill_value=0,
+            compressors=None,
+        )
         group.create_array(
             "train_ids", shape=(n_rows,), chunks=(chunk,), dtype="int64", fill_value=-1
         )
