@@ -81,6 +81,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench_sketch.py --gpt2-small --json bench-sketch.json
 	$(BIN)/python scripts/bench_retrain.py --json bench-retrain.json
 	$(BIN)/python scripts/bench_select.py --json bench-select.json
+	$(BIN)/python scripts/bench_scale.py --json bench-scale.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

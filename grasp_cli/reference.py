@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from grasp_cli.artifacts.atomic import atomic_dir, creation_lock, sweep_debris
-from grasp_cli.artifacts.examples import Examples
+from grasp_cli.artifacts.examples import Corpus, Examples
 from grasp_cli.artifacts.manifest import (
     Manifest,
     build_manifest,
@@ -54,27 +54,22 @@ INITIAL = "initial weights"  # extra.source of a θ0 that is the model's initial
 
 
 def data_shape_of(
-    examples: Examples, pad_id: int = PAD_ID, tasks: dict[str, Examples] | None = None
+    examples: Examples | Corpus, pad_id: int = PAD_ID, tasks: dict[str, Examples] | None = None
 ) -> DataShape:
     """What the model must know about the data; for tokens also the largest non-pad id of the
-    corpus and ``tasks`` (checked against the model's vocabulary when it is built)."""
-    if "tokens" in examples.fields:
-        largest = max(
-            _max_token(data.fields["tokens"], pad_id)
-            for data in [examples, *(tasks or {}).values()]
-        )
-        return DataShape(
-            seq_len=int(examples.fields["tokens"].shape[1] - 1),
-            pad_id=pad_id,
-            max_token_id=largest,
-        )
-    labels = examples.fields["label"]
-    return DataShape(
-        image_shape=tuple(examples.fields["image"].shape[1:]), num_classes=int(labels.max()) + 1
-    )
+    corpus and ``tasks`` (checked against the model's vocabulary when it is built). A ``Corpus``
+    is read by row groups, so this holds one block in memory, never the corpus."""
+    shapes = examples.row_shapes()
+    if "tokens" in shapes:
+        largest = max(_max_token(data, pad_id) for data in [examples, *(tasks or {}).values()])
+        return DataShape(seq_len=int(shapes["tokens"][0] - 1), pad_id=pad_id, max_token_id=largest)
+    return DataShape(image_shape=tuple(shapes["image"]), num_classes=examples.num_classes())
 
 
-def _max_token(tokens: np.ndarray, pad_id: int) -> int:
+def _max_token(data: Examples | Corpus, pad_id: int) -> int:
+    if isinstance(data, Corpus):
+        return data.max_token_id(pad_id)
+    tokens = data.fields["tokens"]
     real = tokens[tokens != pad_id]
     return int(real.max()) if real.size else -1
 
@@ -87,10 +82,10 @@ def corpus_pad_id(ctx: StageContext) -> int:
 
 
 def stage_data_shape(
-    ctx: StageContext, corpus: Examples, tasks: dict[str, Examples] | None = None
+    ctx: StageContext, corpus: Examples | Corpus, tasks: dict[str, Examples] | None = None
 ) -> DataShape:
     """``data_shape_of`` the corpus and tasks with the corpus's own pad id."""
-    pad_id = corpus_pad_id(ctx) if "tokens" in corpus.fields else PAD_ID
+    pad_id = corpus_pad_id(ctx) if "tokens" in corpus.row_shapes() else PAD_ID
     return data_shape_of(corpus, pad_id, tasks)
 
 
@@ -152,7 +147,7 @@ def load_state_dict(path: str, bundle: ModelBundle) -> dict[str, torch.Tensor]:
 
 
 def ensure_reference(
-    ctx: StageContext, corpus: Examples, bundle: ModelBundle, *, rebuild: bool = False
+    ctx: StageContext, corpus: Examples | Corpus, bundle: ModelBundle, *, rebuild: bool = False
 ) -> dict[str, torch.Tensor]:
     """θ0 from RUN/reference if fresh; else from the checkpoint, or trained now; saved with a manifest.
 
@@ -167,7 +162,7 @@ def ensure_reference(
 
 
 def _ensure_reference_locked(
-    ctx: StageContext, corpus: Examples, bundle: ModelBundle, rebuild: bool
+    ctx: StageContext, corpus: Examples | Corpus, bundle: ModelBundle, rebuild: bool
 ) -> dict[str, torch.Tensor]:
     folder = ctx.layout.reference
     checkpoint = ctx.config.reference.checkpoint

@@ -197,6 +197,7 @@ STAGES: tuple[Stage, ...] = (
                 ("--holdout-domains",),
             ),
         ),
+        sharded=True,
         configure=_configure_prepare,
         config_flags=frozenset({"inputs", "demo", "task", "holdout_domains"}),
     ),

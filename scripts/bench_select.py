@@ -38,15 +38,19 @@ from grasp_cli.select import (  # noqa: E402
 )
 
 
-def write_sketches(path: Path, n: int, k: int, chunk_rows: int, seed: int) -> zarr.Array:
+def write_sketches(
+    path: Path, n: int, k: int, chunk_rows: int, seed: int, compressed: bool = True
+) -> zarr.Array:
     """Clustered sketches: 64 domains with different gradient norms, noise, and
-    near-duplicate bursts (the redundancy an additive score cannot see)."""
+    near-duplicate bursts (the redundancy an additive score cannot see). ``compressed=False``
+    stores them as ``grasp sketch`` does (no compressor)."""
     rng = np.random.default_rng(seed)
     n_clusters = 64
     centers = rng.normal(size=(n_clusters, k)).astype(np.float32)
     centers *= rng.lognormal(0.0, 0.6, size=(n_clusters, 1)).astype(np.float32)
-    arr = zarr.open_array(
-        str(path), mode="w", shape=(n, k), chunks=(chunk_rows, k), dtype="float32"
+    codecs = {} if compressed else {"compressors": None}
+    arr = zarr.create_array(
+        str(path), shape=(n, k), chunks=(chunk_rows, k), dtype="float32", overwrite=True, **codecs
     )
     for start in range(0, n, chunk_rows):
         rows = min(chunk_rows, n - start)

@@ -180,3 +180,104 @@ def test_cost_balanced_shards_are_contiguous_cover_every_unit_and_split_the_cost
     assert max(two) <= sum(costs) / 2 + max(costs) / 2
     with pytest.raises(ValueError):
         owned_units(3, ShardSpec(0, 2), [1.0, -1.0, 1.0])
+
+
+# ---------------------------------------------------------------- reading only what is needed
+
+
+def _written_corpus(tmp_path, n: int = 23):
+    from grasp_cli.artifacts.examples import PartWriter
+
+    examples = _examples(n + n % 2)
+    examples.ids = examples.ids * 7 + 3  # ids are not row numbers
+    writer = PartWriter(tmp_path / "run" / "corpus", shard_rows=10, row_group_rows=4)
+    for start in range(0, len(examples), 3):  # rows arrive in small blocks
+        writer.write(examples.take(np.arange(start, min(start + 3, len(examples)))))
+    return examples, writer.close()
+
+
+def test_part_writer_fills_parts_and_row_groups_as_rows_arrive(tmp_path):
+    import pyarrow.parquet as pq
+
+    examples, paths = _written_corpus(tmp_path)
+    assert [p.name for p in paths] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    groups = [
+        [
+            pq.read_metadata(p).row_group(g).num_rows
+            for g in range(pq.read_metadata(p).num_row_groups)
+        ]
+        for p in paths
+    ]
+    assert groups == [[4, 4, 2], [4, 4, 2], [4]]
+    back = read_examples(tmp_path / "run" / "corpus")
+    np.testing.assert_array_equal(back.ids, examples.ids)
+    np.testing.assert_array_equal(back.fields["tokens"], examples.fields["tokens"])
+    assert not [p for p in (tmp_path / "run" / "corpus").iterdir() if p.name.startswith(".")]
+
+
+def test_corpus_reads_columns_rows_and_a_row_store_like_the_whole(tmp_path):
+    import torch
+
+    from grasp_cli.artifacts.examples import open_corpus
+
+    examples, _ = _written_corpus(tmp_path)
+    corpus = open_corpus(tmp_path / "run" / "corpus")
+    assert len(corpus) == len(examples) and corpus.row_shapes() == {"tokens": (5,)}
+    np.testing.assert_array_equal(corpus.ids, examples.ids)
+    codes, names = corpus.domain_codes()
+    expected_codes, expected_names = examples.domain_codes()
+    assert names == expected_names and codes.tolist() == expected_codes.tolist()
+    rows = np.array([0, 1, 9, 10, 11, 23])
+    blocks = list(corpus.iter_rows(rows, block_rows=4))
+    np.testing.assert_array_equal(np.concatenate([b.ids for b in blocks]), examples.ids[rows])
+    where, known = corpus.positions(np.array([examples.ids[5], 4, examples.ids[0]]))
+    assert known.tolist() == [True, False, True] and where[[0, 2]].tolist() == [5, 0]
+    data = corpus.to_torch()  # a row store: batches of any shape, like Examples.to_torch
+    index = torch.tensor([[3, 4, 23], [0, 0, 10]])
+    batch = data["tokens"][index]
+    assert batch.dtype == torch.int64 and batch.shape == (2, 3, 5)
+    np.testing.assert_array_equal(batch.numpy(), examples.fields["tokens"][index.numpy()])
+    assert data["tokens"].shape[0] == len(examples)
+    stores = list((tmp_path / "run" / "_grasp").glob("rows-*"))
+    assert len(stores) == 1  # built once beside the run, reused while the corpus is unchanged
+    open_corpus(tmp_path / "run" / "corpus").to_torch()
+    assert list((tmp_path / "run" / "_grasp").glob("rows-*")) == stores
+
+
+def test_a_changed_shard_rebuilds_the_row_store_and_names_a_ragged_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from grasp_cli.artifacts.examples import open_corpus
+
+    _written_corpus(tmp_path)
+    open_corpus(tmp_path / "run" / "corpus").to_torch()
+    path = tmp_path / "run" / "corpus" / "part-00001.parquet"
+    table = pq.read_table(path)
+    tokens = table.column("tokens").to_pylist()
+    tokens[6] = tokens[6][:3]
+    pq.write_table(
+        table.set_column(3, "tokens", pa.array(tokens, pa.list_(pa.int32()))),
+        path,
+        row_group_size=4,
+    )
+    with pytest.raises(
+        InputError, match="part-00001.parquet: row 6: tokens has 3 entries, expected 5"
+    ):
+        open_corpus(tmp_path / "run" / "corpus").to_torch()
+
+
+def test_row_file_reads_runs_of_rows_by_offset(tmp_path):
+    from grasp_cli.artifacts.examples import RowFile
+
+    values = np.arange(200 * 3, dtype=np.uint16).reshape(200, 3)
+    np.save(tmp_path / "x.npy", values)
+    store = RowFile(tmp_path / "x.npy")
+    rows = np.array([[7, 8, 9, 9], [199, 0, 1, 150]])
+    np.testing.assert_array_equal(store.take(rows), values[rows])
+    with pytest.raises(IndexError):
+        store.take(np.array([200]))

@@ -400,3 +400,34 @@ def test_artifacts_hold_no_pickles(run):
     for path in run.rglob("*"):
         if path.is_file() and path.suffix in (".pkl", ".pickle", ".joblib"):
             pytest.fail(f"pickle file in the run: {path}")
+
+
+def test_stages_that_need_ids_and_domains_never_read_token_rows(run, tmp_path, monkeypatch):
+    """fit-surrogate, score and select read corpus columns only; retrain-subsets reads rows
+    through the row store, never by decoding row groups in its own process."""
+    import grasp_cli.artifacts.examples as examples
+
+    names = ("corpus", "tasks", "reference", "sketches.zarr", "subsets.zarr", "retrain")
+    other = copy_run(run, tmp_path / "other", names)
+    decoded: list[str] = []
+    original = examples._table_to_examples
+
+    def watched(table, path, first_row=0):
+        if Path(path).parent.name == "corpus":  # task files are small and read whole
+            decoded.append(str(path))
+        return original(table, path, first_row)
+
+    monkeypatch.setattr(examples, "_table_to_examples", watched)
+    for stage in (["fit-surrogate"], ["score"], ["select"]):
+        ok(*stage, "-c", CONFIG, "--run", other, "-q")
+    assert decoded == []
+    # the row store is built once (one pass over the rows), then training reads only batches
+    ok("retrain-subsets", "-c", CONFIG, "--run", other, "-q", "--force", "--limit", "2")
+    corpus_rows = read_manifest(other / "corpus").extra["rows"]
+    groups = sum(
+        pq.read_metadata(p).num_row_groups for p in (other / "corpus").glob("part-*.parquet")
+    )
+    assert len(decoded) == groups and corpus_rows > 0
+    decoded.clear()
+    ok("retrain-subsets", "-c", CONFIG, "--run", other, "-q", "--force", "--limit", "2")
+    assert decoded == []  # the row store is reused

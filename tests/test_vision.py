@@ -17,7 +17,9 @@ import pytest
 
 from grasp_cli.artifacts.examples import IMAGE_SHAPE_KEY, read_examples, read_tasks
 from grasp_cli.artifacts.manifest import read_manifest
+from grasp_cli.config import load_config
 from grasp_cli.errors import InputError
+from grasp_cli.prepare.split import is_held, unit_key
 
 ROOT = Path(__file__).resolve().parent.parent
 VISION_CI = ROOT / "configs" / "vision-ci.toml"
@@ -56,6 +58,19 @@ def _png_tree(
                 )
 
 
+def _held(names: list[str], fraction: float) -> set[str]:
+    """The images prepare holds out of one domain: those whose seeded hash falls below
+    ``fraction``; at least one (the smallest hash), never all (the largest stays)."""
+    seed = load_config(None).derived_seed(-1, "prepare")
+    held = {name for name in names if is_held(seed, name, fraction)}
+    rank = sorted(names, key=lambda name: unit_key(seed, "holdout", name))
+    if not held:
+        held = {rank[0]}
+    elif len(held) == len(names):
+        held.discard(rank[-1])
+    return held
+
+
 def _bad(cli, tmp_path: Path, *args) -> str:
     """Run `grasp prepare ARGS` that must fail with exit 2, one line, and no corpus left behind."""
     run = tmp_path / "run-bad"
@@ -77,9 +92,14 @@ def test_png_folder_tree_gives_domains_labels_and_pixels(cli, tmp_path):
     assert code == 0, err
     corpus = read_examples(run / "corpus")
     tasks = read_tasks(run / "tasks")
-    assert corpus.fields["image"].shape == (15, 8, 8)  # 18 images, ceil(0.25 * 9) = 3 held out
+    # 18 images; the seeded hash of each image's path below imgs/ decides whether it is held out
+    screen = sorted((tmp_path / "imgs" / "screen").rglob("*.png"))
+    held = _held([p.relative_to(tmp_path / "imgs").as_posix() for p in screen], 0.25)
+    held = {str(tmp_path / "imgs" / name) for name in held}
+    assert corpus.fields["image"].shape == (18 - len(held), 8, 8)
     assert corpus.fields["image"].dtype == np.uint8
     assert list(tasks) == ["screen"] and set(tasks["screen"].domains.tolist()) == {"screen"}
+    assert set(tasks["screen"].docs.tolist()) == held
     assert len(tasks["screen"]) + (corpus.domains == "screen").sum() == 9
     # every image's bright row is its label: the label came from its class folder, pixels intact
     for examples in (corpus, tasks["screen"]):
@@ -144,8 +164,9 @@ def test_inputs_on_the_command_line_replace_the_image_demo(cli, tmp_path):
         "--holdout-domains", "c",
     )  # fmt: skip
     assert code == 0, err
-    assert out.startswith("corpus: 3 images in 1 domains")  # holdout_fraction 0.5
-    assert read_examples(run / "corpus").fields["image"].shape == (3, 8, 8)
+    held = len(_held([f"c.npz#{i}" for i in range(6)], 0.5))  # decided per image by its hash
+    assert out.startswith(f"corpus: {6 - held} images in 1 domains")
+    assert read_examples(run / "corpus").fields["image"].shape == (6 - held, 8, 8)
 
 
 def test_parquet_png_bytes_hf_struct_and_raw_pixels(cli, tmp_path):
@@ -268,7 +289,7 @@ def test_other_bad_image_inputs(cli, tmp_path):
 
 
 def test_optional_extras_named_when_missing(monkeypatch):
-    from grasp_cli.prepare import images
+    from grasp_cli.prepare import digits, images
 
     monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import Image` now raises ImportError
     with pytest.raises(InputError, match=r"pip install grasp-cli\[vision\]"):
@@ -276,7 +297,7 @@ def test_optional_extras_named_when_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(InputError, match=r"scikit-learn .*pip install grasp-cli\[vision\]"):
-        images.digits_demo({}, 0, 0)
+        digits.digits_demo({}, 0, 0)
 
 
 def test_npz_prepare_needs_neither_pillow_nor_sklearn(tmp_path):
@@ -307,7 +328,7 @@ def test_npz_prepare_needs_neither_pillow_nor_sklearn(tmp_path):
 
 def test_digits_demo_domains_are_deterministic_and_distinct():
     pytest.importorskip("sklearn")
-    from grasp_cli.prepare.images import DIGIT_DOMAIN_SHARES, digits_demo
+    from grasp_cli.prepare.digits import DIGIT_DOMAIN_SHARES, digits_demo
 
     first = digits_demo({}, 0, seed=3)
     again = digits_demo({}, 0, seed=3)
@@ -351,15 +372,18 @@ def test_vision_ci_pipeline_end_to_end(cli, tmp_path):
     labels = corpus.fields["label"]
     assert labels.min() >= 0 and labels.max() <= 9 and len(np.unique(labels)) == 10
     domain_counts = {d: int((corpus.domains == d).sum()) for d in set(corpus.domains.tolist())}
-    assert domain_counts == {
-        "original": 60, "thick": 60, "noisy": 60, "shifted": 60, "rotated": 30, "inverted": 30,
-    }  # fmt: skip
     tasks = read_tasks(run / "tasks")
+    # 60 images per domain (the unit cap); about half of each held-out domain is held out,
+    # each image by its seeded hash
+    assert domain_counts == {
+        "original": 60, "thick": 60, "noisy": 60, "shifted": 60,
+        "rotated": 60 - len(tasks["rotated"]), "inverted": 60 - len(tasks["inverted"]),
+    }  # fmt: skip
     assert sorted(tasks) == ["inverted", "rotated"]
     for name, task in tasks.items():
-        assert set(task.domains.tolist()) == {name} and len(task) == 30
+        assert set(task.domains.tolist()) == {name} and 15 <= len(task) <= 45
         assert not set(task.docs.tolist()) & set(corpus.docs.tolist())
-        assert task.fields["image"].shape == (30, 8, 8)
+        assert task.fields["image"].shape == (len(task), 8, 8)
 
     for stage in ("sketch", "retrain-subsets"):
         for shard in ("0", "1"):  # two shards, as two array tasks would run them

@@ -1,21 +1,32 @@
-"""Corpus and task shards: the ``examples`` schema every stage reads.
+"""Corpus and task shards: the ``examples`` schema every stage reads, and how stages read it.
 
 Text:   id int64, domain string, doc string, tokens list<int32>   (seq_len + 1 tokens per row)
 Images: id int64, domain string, doc string, image binary (uint8, C-order), label int64;
         the image shape is stored in the schema metadata key ``grasp.image_shape``.
+
+Stages never load a whole corpus. ``open_corpus`` gives ids and domains as columns, rows by
+row group (``iter_blocks``, ``iter_rows``), and a row store for random access in training
+(``Corpus.to_torch``); ``PartWriter`` writes rows as they come. ``read_examples`` (everything
+in memory) is for tasks, exports and tests.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+import os
+import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
+from grasp_cli.artifacts.atomic import _tmp_name, atomic_dir, creation_lock, sweep_debris
+from grasp_cli.artifacts.layout import SCRATCH
 from grasp_cli.artifacts.tables import parquet_file, read_table, require_columns, write_table
 from grasp_cli.errors import InputError
 
@@ -59,6 +70,14 @@ class Examples:
         lookup = {name: code for code, name in enumerate(names)}
         return np.array([lookup[d] for d in self.domains], dtype=np.int32), names
 
+    def row_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of one row of each field: ``{"tokens": (W,)}`` or ``{"image": (H, W[, C]), "label": ()}``."""
+        return {name: tuple(values.shape[1:]) for name, values in self.fields.items()}
+
+    def num_classes(self) -> int:
+        """Largest label + 1 (image corpora)."""
+        return int(self.fields["label"].max()) + 1
+
 
 def examples_to_table(examples: Examples) -> pa.Table:
     columns = {
@@ -101,7 +120,8 @@ def write_examples(
     return paths
 
 
-def _table_to_examples(table: pa.Table, path: Path) -> Examples:
+def _table_to_examples(table: pa.Table, path: Path, first_row: int = 0) -> Examples:
+    """Rows of a Parquet table (``first_row``: where it starts in ``path``, for messages)."""
     require_columns(table, path, {"id": "int64", "domain": "string"})
     ids = table.column("id").to_numpy()
     domains = np.array(table.column("domain").to_pylist(), dtype=object)
@@ -118,7 +138,8 @@ def _table_to_examples(table: pa.Table, path: Path) -> Examples:
         if len(lengths) and (lengths != lengths[0]).any():
             bad = int(np.argmax(lengths != lengths[0]))
             raise InputError(
-                f"{path}: row {bad}: tokens has {lengths[bad]} entries, expected {lengths[0]}"
+                f"{path}: row {first_row + bad}: tokens has {lengths[bad]} entries, "
+                f"expected {lengths[0]}"
             )
         width = int(lengths[0]) if len(lengths) else 0
         fields["tokens"] = lists.flatten().to_numpy().astype(np.int32).reshape(len(ids), width)
@@ -178,6 +199,7 @@ def iter_example_blocks(
     for path in shard_paths(folder):
         handle = parquet_file(path)
         metadata = handle.metadata
+        file_start = offset
         for group in range(metadata.num_row_groups):
             rows = metadata.row_group(group).num_rows
             group_start, group_stop = offset, offset + rows
@@ -186,7 +208,7 @@ def iter_example_blocks(
                 continue
             table = handle.read_row_group(group)
             table = table.replace_schema_metadata(handle.schema_arrow.metadata)
-            examples = _table_to_examples(table, path)
+            examples = _table_to_examples(table, path, group_start - file_start)
             lo, hi = max(start, group_start) - group_start, min(stop, group_stop) - group_start
             pending.append(examples.take(np.arange(lo, hi)))
             while sum(len(p) for p in pending) >= block_rows:
@@ -211,3 +233,479 @@ def read_tasks(folder: Path) -> dict[str, Examples]:
     if not paths:
         raise InputError(f"{folder}: no task files; run `grasp prepare` first")
     return {path.stem: read_examples(path) for path in paths}
+
+
+# ---------------------------------------------------------------- streamed writing
+
+
+class PartWriter:
+    """Rows -> ``folder/part-NNNNN.parquet`` as they come, without holding more than a row group.
+
+    A part holds ``shard_rows`` rows in row groups of ``row_group_rows``. Each part is written
+    under a temporary name and renamed when it is full (or at ``close``), so a reader never
+    sees half a part. ``write(examples, extra)`` appends rows; ``extra`` adds columns (e.g. the
+    sort keys of prepare's staging parts). ``close()`` returns the parts written, in order.
+    """
+
+    def __init__(
+        self, folder: Path, shard_rows: int, row_group_rows: int, first_part: int = 0
+    ) -> None:
+        self.folder = Path(folder)
+        self.shard_rows = max(1, int(shard_rows))
+        self.row_group_rows = max(1, int(row_group_rows))
+        self.next_part = first_part
+        self.paths: list[Path] = []
+        self.rows_written = 0
+        self._pending: list[tuple[Examples, dict[str, np.ndarray]]] = []
+        self._pending_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp: Path | None = None
+        self._part_rows = 0
+
+    def write(self, examples: Examples, extra: dict[str, np.ndarray] | None = None) -> None:
+        if len(examples) == 0:
+            return
+        self._pending.append((examples, dict(extra or {})))
+        self._pending_rows += len(examples)
+        while self._pending_rows >= self._group_size():
+            self._flush_group(self._group_size())
+
+    def close(self) -> list[Path]:
+        while self._pending_rows:
+            self._flush_group(min(self._pending_rows, self._group_size()))
+        self._finish_part()
+        return self.paths
+
+    def abort(self) -> None:
+        """Drop the part being written (its temporary file); finished parts stay."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+    def _group_size(self) -> int:
+        return min(self.row_group_rows, self.shard_rows - self._part_rows)
+
+    def _flush_group(self, rows: int) -> None:
+        merged = _concat([e for e, _ in self._pending])
+        extra = {
+            name: np.concatenate([x[name] for _, x in self._pending])
+            for name in self._pending[0][1]
+        }
+        head = np.arange(rows)
+        table = examples_to_table(merged.take(head))
+        for name, values in extra.items():
+            table = table.append_column(name, pa.array(values[:rows]))
+        rest = np.arange(rows, len(merged))
+        self._pending = [(merged.take(rest), {k: v[rows:] for k, v in extra.items()})]
+        self._pending_rows = len(rest)
+        if not self._pending_rows:
+            self._pending = []
+        if self._writer is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._tmp = _tmp_name(self._part_path())
+            self._writer = pq.ParquetWriter(self._tmp, table.schema)
+        self._writer.write_table(table, row_group_size=rows)
+        self._part_rows += rows
+        self.rows_written += rows
+        if self._part_rows >= self.shard_rows:
+            self._finish_part()
+
+    def _part_path(self) -> Path:
+        return self.folder / f"part-{self.next_part:05d}.parquet"
+
+    def _finish_part(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        path = self._part_path()
+        os.replace(self._tmp, path)
+        self.paths.append(path)
+        self._writer, self._tmp, self._part_rows = None, None, 0
+        self.next_part += 1
+
+
+def write_examples_stream(
+    folder: Path, blocks: Iterable[Examples], shard_rows: int, row_group_rows: int
+) -> list[Path]:
+    """``write_examples`` for rows that arrive in blocks (never all in memory)."""
+    writer = PartWriter(folder, shard_rows, row_group_rows)
+    try:
+        for block in blocks:
+            writer.write(block)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+# ---------------------------------------------------------------- reading only what is needed
+
+
+def read_columns(folder: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """Columns ``names`` of every shard of a corpus folder (in row order), nothing else read.
+
+    Integer columns come back as numpy arrays; ``domain``/``doc`` as object arrays of str
+    (use ``Corpus.domain_codes`` for codes without a Python string per row).
+    """
+    out: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for path in shard_paths(folder):
+        table = read_table(path, columns=names)
+        for name in names:
+            column = table.column(name)
+            if pa.types.is_integer(column.type):
+                out[name].append(column.to_numpy())
+            else:
+                out[name].append(np.array(column.to_pylist(), dtype=object))
+    return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in out.items()}
+
+
+class Corpus:
+    """A corpus folder opened for reading without loading it.
+
+    Opening reads the Parquet footers only (row counts, schemas: a missing or mistyped column
+    is an ``InputError`` naming the shard) and the ``id`` column (checked unique). Then:
+
+    - ``ids`` ``[N]`` int64 and ``domain_codes()`` (int32 codes, sorted names): columns only;
+    - ``iter_blocks(start, stop, block_rows)``: rows streamed by row group;
+    - ``iter_rows(rows, block_rows)``: chosen rows (sorted), reading only their row groups;
+    - ``to_torch()``: every field as a row store that reads a batch's rows by offset from one
+      flat file per field (``RUN/_grasp/rows-<signature>/``, built once under a lock and shared
+      by every process of a job array through the page cache), so training on any subset
+      holds only the batch, never the corpus.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.paths = shard_paths(self.folder)
+        self.part_rows: list[int] = []
+        self.group_rows: list[list[int]] = []
+        schemas = []
+        for path in self.paths:
+            metadata = _metadata(path)
+            self.part_rows.append(metadata.num_rows)
+            self.group_rows.append(
+                [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+            )
+            schemas.append(_checked_schema(metadata, path))
+        self.kind = schemas[0][0]
+        for (kind, _), path in zip(schemas, self.paths, strict=True):
+            if kind != self.kind:
+                raise InputError(f"{path}: a {kind} shard in a {self.kind} corpus")
+        self.image_shape = schemas[0][1]
+        self.part_starts = np.concatenate([[0], np.cumsum(self.part_rows)]).astype(np.int64)
+        self.ids = read_columns(self.folder, ["id"])["id"].astype(np.int64)
+        sorted_ids = np.sort(self.ids)
+        repeated = sorted_ids[1:] == sorted_ids[:-1]
+        if repeated.any():
+            dupes = np.unique(sorted_ids[1:][repeated])[:5].tolist()
+            raise InputError(f"{self.folder}: duplicate ids {dupes}; ids must be unique")
+        del sorted_ids
+        self._order: np.ndarray | None = None  # argsort of ids, made when positions() is asked
+        self._stores: dict[str, RowFile] | None = None
+
+    def __len__(self) -> int:
+        return int(self.part_starts[-1])
+
+    def domain_codes(self) -> tuple[np.ndarray, list[str]]:
+        """int32 codes ``[N]`` into the sorted domain names, read as a dictionary column."""
+        local_codes, local_names = [], []
+        for path in self.paths:
+            try:
+                column = pq.read_table(path, columns=["domain"], read_dictionary=["domain"])
+            except (pa.ArrowException, OSError) as exc:
+                raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+            for chunk in column.column("domain").chunks:
+                local_codes.append(chunk.indices.to_numpy(zero_copy_only=False))
+                local_names.append(chunk.dictionary.to_pylist())
+        names = sorted({name for chunk in local_names for name in chunk})
+        lookup = {name: code for code, name in enumerate(names)}
+        codes = [
+            np.array([lookup[n] for n in chunk], dtype=np.int32)[indices]
+            for indices, chunk in zip(local_codes, local_names, strict=True)
+        ]
+        return (np.concatenate(codes) if codes else np.zeros(0, np.int32)), names
+
+    def positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row of each id in ``ids`` and whether it is known (``rows[~known]`` is meaningless)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(self.ids) == 0:
+            return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+        if self._order is None:
+            self._order = np.argsort(self.ids, kind="stable")
+        sorted_ids = self.ids[self._order]
+        at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        return self._order[at].astype(np.int64), sorted_ids[at] == ids
+
+    def row_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self.kind == "tokens":
+            return {"tokens": (self._token_width(),)}
+        return {"image": self.image_shape, "label": ()}
+
+    def num_classes(self) -> int:
+        """Largest label + 1: from the corpus manifest when it says, else from the label column."""
+        manifest = self.folder / "manifest.json"
+        if manifest.is_file():
+            try:
+                value = json.loads(manifest.read_text(encoding="utf-8"))["extra"]["num_classes"]
+                return int(value)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        labels = read_columns(self.folder, ["label"])["label"]
+        return int(labels.max()) + 1
+
+    def _token_width(self) -> int:
+        for path, groups in zip(self.paths, self.group_rows, strict=True):
+            if any(groups):
+                handle = parquet_file(path)
+                table = handle.read_row_group(0, columns=["tokens"])
+                offsets = table.column("tokens").combine_chunks().offsets.to_numpy()
+                return int(offsets[1] - offsets[0])
+        return 0
+
+    def iter_blocks(self, start: int, stop: int, block_rows: int) -> Iterator[tuple[int, Examples]]:
+        return iter_example_blocks(self.folder, start, stop, block_rows)
+
+    def max_token_id(self, pad_id: int, block_rows: int = 65536) -> int:
+        """The largest token id other than ``pad_id`` (-1 if none), streamed block by block."""
+        largest = -1
+        for _, block in self.iter_blocks(0, len(self), block_rows):
+            tokens = block.fields["tokens"]
+            real = tokens[tokens != pad_id]
+            if real.size:
+                largest = max(largest, int(real.max()))
+        return largest
+
+    def iter_rows(self, rows: np.ndarray, block_rows: int = 8192) -> Iterator[Examples]:
+        """The rows ``rows`` (sorted ascending, unique), in blocks, reading only the row
+        groups that hold one of them."""
+        rows = np.asarray(rows, dtype=np.int64)
+        pending: list[Examples] = []
+        count = 0
+        group_start = 0
+        for path, groups in zip(self.paths, self.group_rows, strict=True):
+            handle = None
+            file_start = group_start
+            for group, size in enumerate(groups):
+                lo, hi = np.searchsorted(rows, [group_start, group_start + size])
+                if hi > lo:
+                    handle = handle or parquet_file(path)
+                    table = handle.read_row_group(group)
+                    table = table.replace_schema_metadata(handle.schema_arrow.metadata)
+                    examples = _table_to_examples(table, path, group_start - file_start)
+                    pending.append(examples.take(rows[lo:hi] - group_start))
+                    count += hi - lo
+                    if count >= block_rows:
+                        yield _concat(pending)
+                        pending, count = [], 0
+                group_start += size
+        if pending:
+            yield _concat(pending)
+
+    def signature(self) -> str:
+        """Changes whenever a shard changes: the manifest's fingerprint (if any) and every
+        shard's name, size and modification time."""
+        digest = hashlib.sha256()
+        manifest = self.folder / "manifest.json"
+        if manifest.is_file():
+            digest.update(manifest.read_bytes())
+        for path in self.paths:
+            info = path.stat()
+            digest.update(f"{path.name}:{info.st_size}:{info.st_mtime_ns};".encode())
+        return digest.hexdigest()[:16]
+
+    def to_torch(self) -> dict[str, TorchRows]:
+        """Every field as a ``TorchRows`` view (what ``Examples.to_torch`` gives, read lazily)."""
+        if self._stores is None:
+            self._stores = build_row_store(self)
+        return {name: TorchRows(store, name) for name, store in self._stores.items()}
+
+
+def open_corpus(folder: Path) -> Corpus:
+    """The corpus at ``folder`` for reading (footers, schemas and ids checked; no rows read)."""
+    return Corpus(folder)
+
+
+def _metadata(path: Path) -> pq.FileMetaData:
+    try:
+        return pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as exc:
+        text = str(exc).strip().splitlines()
+        raise InputError(
+            f"{path}: not a readable Parquet file ({text[0] if text else type(exc).__name__})"
+        ) from None
+
+
+def _checked_schema(metadata: pq.FileMetaData, path: Path) -> tuple[str, tuple[int, ...]]:
+    """``("tokens", ())`` or ``("image", shape)`` after checking the columns' types."""
+    schema = metadata.schema.to_arrow_schema()
+    empty = schema.empty_table()
+    require_columns(empty, path, {"id": "int64", "domain": "string"})
+    if "tokens" in schema.names:
+        require_columns(empty, path, {"tokens": "list<"})
+        value_type = schema.field("tokens").type.value_type
+        if not pa.types.is_integer(value_type):
+            raise InputError(
+                f"{path}: column 'tokens' has type {schema.field('tokens').type}, expected list<int32>"
+            )
+        return "tokens", ()
+    if "image" in schema.names:
+        require_columns(empty, path, {"label": "int64"})
+        meta = schema.metadata or {}
+        if IMAGE_SHAPE_KEY not in meta:
+            raise InputError(f"{path}: image column without the grasp.image_shape schema metadata")
+        return "image", tuple(int(s) for s in json.loads(meta[IMAGE_SHAPE_KEY]))
+    raise InputError(f"{path}: needs a 'tokens' or an 'image' column")
+
+
+# ---------------------------------------------------------------- the row store
+
+
+class RowFile:
+    """One field of every corpus row in a flat ``.npy`` file, read by offset.
+
+    ``take(rows)`` reads just those rows with positioned reads (runs of consecutive rows in
+    one read): a process holds the batch it asked for, and the file's pages live in the
+    shared page cache, not in any process's memory.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(handle)
+            self.offset = handle.tell()
+        if fortran:
+            raise InputError(f"{self.path}: not a C-ordered array")
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_shape = self.shape[1:]
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self._fd: int | None = None
+        self._pid = -1
+
+    def _handle(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a forked child opens its own
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (any shape of int indices) -> ``[*rows.shape, *row_shape]``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        flat = rows.reshape(-1)
+        if flat.size and (flat.min() < 0 or flat.max() >= self.shape[0]):
+            raise IndexError(f"{self.path}: row index out of range [0, {self.shape[0]})")
+        unique, inverse = np.unique(flat, return_inverse=True)
+        out = np.empty((len(unique), *self.row_shape), dtype=self.dtype)
+        buffer = out.reshape(len(unique), -1).view(np.uint8).reshape(len(unique), -1)
+        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+        fd = self._handle()
+        for run_start, run_stop in zip(
+            np.concatenate([[0], breaks]), np.concatenate([breaks, [len(unique)]]), strict=True
+        ):
+            size = int(run_stop - run_start) * self.row_bytes
+            data = os.pread(fd, size, self.offset + int(unique[run_start]) * self.row_bytes)
+            if len(data) != size:
+                raise InputError(f"{self.path}: truncated (rebuilt on the next run)")
+            buffer[run_start:run_stop] = np.frombuffer(data, np.uint8).reshape(
+                run_stop - run_start, -1
+            )
+        return out[inverse].reshape(*rows.shape, *self.row_shape)
+
+
+class TorchRows:
+    """A ``RowFile`` indexed like the tensor ``Examples.to_torch`` would give: ``view[index]``
+    with a torch index of any shape returns those rows as a tensor (int64 for tokens and
+    labels, uint8 images); ``shape[0]`` is N. What ``train``/``train_many`` need, nothing more."""
+
+    def __init__(self, store: RowFile, name: str) -> None:
+        self.store, self.name = store, name
+        self.shape = store.shape
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        rows = self.store.take(np.asarray(index.cpu().numpy() if torch.is_tensor(index) else index))
+        tensor = torch.from_numpy(np.ascontiguousarray(rows))
+        return tensor if self.name == "image" else tensor.long()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+ROW_STORE_INFO = "rows.json"
+
+
+def build_row_store(corpus: Corpus) -> dict[str, RowFile]:
+    """The flat row files of ``corpus`` in ``<run>/_grasp/rows-<signature>/``: built once
+    (streamed, one row group at a time) under a lock, reused while the corpus is unchanged;
+    row stores of earlier corpora are removed when a new one is built."""
+    cache = corpus.folder.parent / SCRATCH
+    folder = cache / f"rows-{corpus.signature()}"
+    with creation_lock(cache / "rows"):
+        if not (folder / ROW_STORE_INFO).is_file():
+            for old in cache.glob("rows-*"):
+                shutil.rmtree(old, ignore_errors=True)
+            sweep_debris(cache, None)
+            with atomic_dir(folder) as tmp:
+                _write_row_files(corpus, tmp)
+    info = json.loads((folder / ROW_STORE_INFO).read_text(encoding="utf-8"))
+    return {name: RowFile(folder / f"{name}.npy") for name in info["fields"]}
+
+
+def _token_dtype(corpus: Corpus) -> np.dtype:
+    """uint16 when every shard's statistics say the tokens fit, else int32."""
+    low, high = 0, 0
+    for path in corpus.paths:
+        metadata = _metadata(path)
+        leaf = [
+            i
+            for i in range(metadata.num_columns)
+            if metadata.schema.column(i).path.startswith("tokens.")
+        ]
+        for group in range(metadata.num_row_groups):
+            stats = metadata.row_group(group).column(leaf[0]).statistics if leaf else None
+            if stats is None or not stats.has_min_max:
+                return np.dtype(np.int32)
+            low, high = min(low, stats.min), max(high, stats.max)
+    return np.dtype(np.uint16 if low >= 0 and high < 2**16 else np.int32)
+
+
+def _write_row_files(corpus: Corpus, folder: Path) -> None:
+    n = len(corpus)
+    if corpus.kind == "tokens":
+        specs = {"tokens": ((n, *corpus.row_shapes()["tokens"]), _token_dtype(corpus))}
+    else:
+        specs = {
+            "image": ((n, *corpus.image_shape), np.dtype(np.uint8)),
+            "label": ((n,), np.dtype(np.int64)),
+        }
+    handles = {name: open(folder / f"{name}.npy", "wb") for name in specs}  # noqa: SIM115
+    try:
+        for name, (shape, dtype) in specs.items():
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+            np.lib.format.write_array_header_1_0(handles[name], {**header, "shape": shape})
+        for _, block in corpus.iter_blocks(0, n, 8192):
+            for name, (shape, dtype) in specs.items():
+                values = block.fields[name]
+                if values.shape[1:] != shape[1:]:
+                    raise InputError(
+                        f"{corpus.folder}: {name} rows of shape {list(values.shape[1:])} "
+                        f"in a corpus of {list(shape[1:])}"
+                    )
+                if (
+                    dtype == np.uint16
+                    and values.size
+                    and (values.min() < 0 or values.max() >= 2**16)
+                ):
+                    raise InputError(f"{corpus.folder}: token statistics disagree with the tokens")
+                handles[name].write(np.ascontiguousarray(values, dtype=dtype).tobytes())
+    finally:
+        for handle in handles.values():
+            handle.close()
+    info = {"rows": n, "fields": list(specs), "signature": corpus.signature()}
+    (folder / ROW_STORE_INFO).write_text(json.dumps(info))

@@ -10,6 +10,10 @@ from grasp_cli.errors import UsageError
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
+# grasp's own folder at the run's top (a sharded prepare's staging, the corpus row store); the
+# same name as the bookkeeping folder inside every artifact: nothing under `_grasp/` is data.
+SCRATCH = "_grasp"
+
 
 def check_safe_name(name: str, what: str) -> str:
     """``name`` if it can be a file name inside the run (a task's ``tasks/<name>.parquet``):

@@ -1,26 +1,35 @@
 """Reading documents: user files (.txt / .jsonl / .parquet) and the offline demo corpus.
 
-A ``Document`` is one unit that is never split between corpus and task. Every
+A ``Document`` is one unit that is never split between corpus and task. Files are read as
+streams: .jsonl line by line, .parquet by record batches of the needed columns, .txt in
+chunks; ``text_sources``/``demo_sources`` hand them to prepare one unit at a time. Every
 bad input raises ``InputError`` with the file (and line) at fault.
 """
 
 from __future__ import annotations
 
+import codecs
+import functools
 import glob
+import hashlib
 import itertools
 import json
 import math
 import os
 import re
+import sys
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
-from grasp_cli.artifacts.tables import read_table
+from grasp_cli.artifacts.tables import parquet_file
 from grasp_cli.errors import InputError
+from grasp_cli.prepare.tokens import byte_sequences, sequences_of_chunks
+from grasp_cli.prepare.units import Source, Unit
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -73,7 +82,13 @@ def walk_files(root: Path) -> list[Path]:
 def expand_inputs(patterns: list[str]) -> list[Path]:
     """Files named by paths, folders (searched recursively) or globs; sorted, each file once
     (by its resolved path: a file reached twice through symlinks is read once)."""
-    files: list[Path] = []
+    return [path for path, _ in expand_inputs_with_roots(patterns)]
+
+
+def expand_inputs_with_roots(patterns: list[str]) -> list[tuple[Path, Path]]:
+    """``expand_inputs`` with, for each file, the folder its name is taken relative to: the
+    folder the user named, or the file's own folder for a file or glob."""
+    files: list[tuple[Path, Path]] = []
     seen: set[Path] = set()
     for pattern in patterns:
         path = Path(pattern)
@@ -95,7 +110,7 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
             real = match.resolve()
             if real not in seen:
                 seen.add(real)
-                files.append(match)
+                files.append((match, path if path.is_dir() else match.parent))
     return files
 
 
@@ -111,35 +126,175 @@ def _read_text(path: Path) -> str:
         raise InputError(f"{path}:{line}: not valid UTF-8 (byte {exc.start})") from None
 
 
-def read_documents(path: Path) -> Iterator[Document]:
-    """Documents of one file: a .txt is one document (domain = its folder's name);
-    .jsonl rows and .parquet rows carry ``text`` and optional ``domain`` and ``id``."""
-    if path.suffix == ".txt":
-        yield Document(str(path), path.parent.name or "default", _read_text(path), str(path))
-    elif path.suffix == ".jsonl":
-        for number, line in enumerate(_read_text(path).splitlines(), start=1):
+def _open(path: Path):
+    try:
+        return open(path, "rb")  # noqa: SIM115 - the callers close it
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def _decode_line(raw: bytes, path: Path, number: int, offset: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}:{number}: not valid UTF-8 (byte {offset + exc.start})") from None
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[object, str, str]]:
+    """``(record, where, default id)`` for each non-blank line, read one line at a time."""
+    with _open(path) as handle:
+        offset = 0
+        for number, raw in enumerate(handle, start=1):
+            start = offset
+            offset += len(raw)
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, start = raw[len(codecs.BOM_UTF8) :], start + len(codecs.BOM_UTF8)
+            line = _decode_line(raw, path, number, start)
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-            yield _record_document(record, path, f"{path}:{number}", f"{path.stem}-{number}")
-    elif path.suffix == ".parquet":
-        table = read_table(path)
-        if "text" not in table.column_names:
-            raise InputError(
-                f"{path}: missing column 'text' (has: {', '.join(table.column_names)})"
+            yield record, f"{path}:{number}", f"{path.stem}-{number}"
+
+
+PARQUET_BATCH_ROWS = 4096
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[object, str, str]]:
+    """``(record, where, default id)`` per row, read in record batches of the needed columns."""
+    handle = parquet_file(path)
+    schema = handle.schema_arrow
+    if "text" not in schema.names:
+        raise InputError(f"{path}: missing column 'text' (has: {', '.join(schema.names)})")
+    text_type = schema.field("text").type
+    if pa.types.is_dictionary(text_type):  # a normal Arrow encoding of repeated strings
+        text_type = text_type.value_type
+    if not pa.types.is_string(text_type) and not pa.types.is_large_string(text_type):
+        raise InputError(
+            f"{path}: column 'text' has type {schema.field('text').type}, expected string"
+        )
+    columns = [name for name in ("text", "domain", "id") if name in schema.names]
+    row = 0
+    try:
+        batches = handle.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
+        for batch in batches:
+            for record in batch.to_pylist():
+                yield record, f"{path}:row {row}", f"{path.stem}-{row}"
+                row += 1
+    except (pa.ArrowException, OSError) as exc:
+        first = str(exc).strip().splitlines()
+        raise InputError(
+            f"{path}: not a readable Parquet file ({first[0] if first else type(exc).__name__})"
+        ) from None
+
+
+def read_documents(path: Path) -> Iterator[Document]:
+    """Documents of one file, streamed: a .txt is one document (domain = its folder's name);
+    .jsonl lines and .parquet rows carry ``text`` and optional ``domain`` and ``id``."""
+    if path.suffix == ".txt":
+        yield Document(str(path), path.parent.name or "default", _read_text(path), str(path))
+        return
+    records = _jsonl_records(path) if path.suffix == ".jsonl" else _parquet_records(path)
+    for record, where, default_id in records:
+        yield _record_document(record, path, where, default_id)
+
+
+TXT_CHUNK_BYTES = 1 << 20
+
+
+def _txt_chunks(path: Path, digest: hashlib._Hash | None = None) -> Iterator[bytes]:
+    """The bytes of a .txt (without a byte-order mark) in chunks, checked to be UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 1
+    with _open(path) as handle:
+        first = True
+        while True:
+            chunk = handle.read(TXT_CHUNK_BYTES)
+            if first and chunk.startswith(codecs.BOM_UTF8):
+                chunk, offset = chunk[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
+            first = False
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                at = offset - pending + exc.start
+                line = lines + exc.object[: exc.start].count(b"\n")
+                raise InputError(f"{path}:{line}: not valid UTF-8 (byte {at})") from None
+            if not chunk:
+                return
+            if digest is not None:
+                digest.update(chunk)
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+            yield chunk
+
+
+def _txt_has_text(path: Path) -> bool:
+    """Whether a .txt holds anything but whitespace (read only until the first character)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for chunk in _txt_chunks(path):
+        if decoder.decode(chunk).strip():
+            return True
+    return False
+
+
+def text_units(path: Path, seq_len: int, root: Path | None = None) -> Iterator[Unit]:
+    """The units of one text file: each document with its byte-sequence rows. A .txt is
+    streamed in chunks (never held whole); empty documents are read but ``skip``ped. A .txt's
+    id is its path; its key (what the split hashes) is the path relative to ``root``."""
+    if path.suffix == ".txt":
+        domain = path.parent.name or "default"
+        key = path.relative_to(root).as_posix() if root is not None else path.name
+        if not _txt_has_text(path):
+            yield Unit(str(path), domain, str(path), (), skip=True, key=key)
+            return
+        digest = hashlib.sha1()
+        unit = Unit(str(path), domain, str(path), (), key=key)
+
+        def blocks() -> Iterator[dict[str, np.ndarray]]:
+            for rows in sequences_of_chunks(_txt_chunks(path, digest), seq_len):
+                yield {"tokens": rows}
+            unit.digest = digest.digest()
+
+        unit.blocks = blocks()
+        yield unit
+        return
+    for document in read_documents(path):
+        yield document_unit(document, seq_len)
+
+
+def document_unit(document: Document, seq_len: int) -> Unit:
+    """A document held in memory as a unit with its byte-sequence rows."""
+    raw = document.text.encode("utf-8")
+    return Unit(
+        document.doc_id,
+        document.domain,
+        document.source,
+        ({"tokens": byte_sequences(raw, seq_len)},),
+        digest=hashlib.sha1(raw).digest(),
+        skip=not document.text.strip(),
+    )
+
+
+def text_sources(patterns: list[str], seq_len: int) -> list[Source]:
+    """One ``Source`` per input file (see ``expand_inputs``)."""
+    sources = []
+    for path, root in expand_inputs_with_roots(patterns):
+        try:
+            info = path.stat()
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+        sources.append(
+            Source(
+                str(path),
+                info.st_size,
+                f"{path.resolve()}:{info.st_size}:{info.st_mtime_ns}",
+                functools.partial(text_units, path, seq_len, root),
             )
-        text_type = table.schema.field("text").type
-        if pa.types.is_dictionary(text_type):  # a normal Arrow encoding of repeated strings
-            text_type = text_type.value_type
-        if not pa.types.is_string(text_type) and not pa.types.is_large_string(text_type):
-            raise InputError(
-                f"{path}: column 'text' has type {table.schema.field('text').type}, expected string"
-            )
-        for row, record in enumerate(table.to_pylist()):
-            yield _record_document(record, path, f"{path}:row {row}", f"{path.stem}-{row}")
+        )
+    return sources
 
 
 def _record_document(record: object, path: Path, where: str, default_id: str) -> Document:
@@ -176,24 +331,6 @@ def document_id(raw: object, where: str, default: str) -> str:
     raise InputError(f"{where}: id {raw!r} must be a string or an integer")
 
 
-def load_documents(patterns: list[str]) -> list[Document]:
-    """All documents of the inputs; duplicate ids and empty input are errors."""
-    documents: list[Document] = []
-    seen: dict[str, str] = {}
-    for path in expand_inputs(patterns):
-        for document in read_documents(path):
-            if document.doc_id in seen:
-                raise InputError(
-                    f"{document.source}: duplicate id {document.doc_id!r} (first seen at {seen[document.doc_id]})"
-                )
-            seen[document.doc_id] = document.source
-            if document.text.strip():
-                documents.append(document)
-    if not documents:
-        raise InputError(f"{', '.join(patterns)}: no non-empty documents found")
-    return documents
-
-
 # ---------------------------------------------------------------- demo corpus
 
 _TOP_LEVEL = re.compile(r"^(?:@.*\n)*(?:async def |def |class )", re.MULTILINE)
@@ -206,11 +343,24 @@ def split_python_source(text: str) -> list[str]:
     return [piece for piece in pieces if piece.strip()]
 
 
-def demo_documents(domains: list[str] | None = None) -> list[Document]:
-    """Real text shipped with Python: pydoc's language reference ('docs') and stdlib packages."""
+def demo_sources(domains: list[str] | None, seq_len: int) -> list[Source]:
+    """The demo corpus as sources: pydoc's topics (one source) and each stdlib module file."""
+    return [
+        Source(name, size, stamp, functools.partial(_document_units, read, seq_len))
+        for name, size, stamp, read in _demo_pieces(domains)
+    ]
+
+
+def _document_units(read, seq_len: int) -> Iterator[Unit]:
+    for document in read():
+        yield document_unit(document, seq_len)
+
+
+def _demo_pieces(domains: list[str] | None) -> list[tuple]:
+    """``(name, size, stamp, read)`` per demo input, ``read()`` giving its documents."""
     wanted = domains or DEMO_DOMAINS
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    documents: list[Document] = []
+    pieces: list[tuple] = []
     for domain in wanted:
         if domain == "docs":
             try:
@@ -219,10 +369,8 @@ def demo_documents(domains: list[str] | None = None) -> list[Document]:
                 raise InputError(
                     "demo: pydoc_data is not part of this Python installation"
                 ) from None
-            for name in sorted(topics):
-                documents.append(
-                    Document(f"docs/{name}", "docs", topics[name], f"pydoc_data.topics[{name}]")
-                )
+            size = sum(len(text) for text in topics.values())
+            pieces.append(("pydoc_data.topics", size, f"pydoc_data:{sys.version}", _pydoc_docs))
             continue
         package = stdlib / domain
         if not package.is_dir():
@@ -231,10 +379,24 @@ def demo_documents(domains: list[str] | None = None) -> list[Document]:
             relative = path.relative_to(stdlib)
             if any(part in ("test", "tests", "idle_test") for part in relative.parts):
                 continue
-            text = path.read_text(encoding="utf-8", errors="replace")
-            for number, piece in enumerate(split_python_source(text)):
-                documents.append(Document(f"{relative}#{number}", domain, piece, str(path)))
-    return documents
+            info = path.stat()
+            stamp = f"{path}:{info.st_size}:{info.st_mtime_ns}"
+            read = functools.partial(_module_docs, path, relative, domain)
+            pieces.append((str(path), info.st_size, stamp, read))
+    return pieces
+
+
+def _pydoc_docs() -> Iterator[Document]:
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield Document(f"docs/{name}", "docs", topics[name], f"pydoc_data.topics[{name}]")
+
+
+def _module_docs(path: Path, relative: Path, domain: str) -> Iterator[Document]:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for number, piece in enumerate(split_python_source(text)):
+        yield Document(f"{relative}#{number}", domain, piece, str(path))
 
 
 def default_demo_holdout() -> list[str]:

@@ -1,4 +1,4 @@
-"""Image corpora: folder trees of PNG/JPEG, ``.npz`` arrays, ``.parquet`` tables, and the digits demo.
+"""Image readers: folder trees of PNG/JPEG, ``.npz`` arrays and ``.parquet`` tables.
 
 Inputs (each image is one "document": it lands in the corpus or in a task, never both):
 
@@ -13,15 +13,18 @@ Inputs (each image is one "document": it lands in the corpus or in a task, never
   ``label`` (int or class name) and optional ``domain``.
 
 Grayscale and colour inputs together are promoted to RGB; images of different sizes are an
-error unless ``prepare.image_size`` resizes them all. PNG/JPEG decoding and the demo need
-the optional extra ``pip install grasp-cli[vision]`` (Pillow, scikit-learn); ``.npz`` and raw
-``.parquet`` inputs need nothing beyond the base install.
+error unless ``prepare.image_size`` resizes them all. PNG/JPEG decoding needs the optional
+extra ``pip install grasp-cli[vision]`` (Pillow); ``.npz`` and raw ``.parquet`` inputs need
+nothing beyond the base install. The digits demo is in ``digits.py``; which image goes to the
+corpus and which to a task is decided in ``split.py``, the same way as for text.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
+import json
 import math
 import zipfile
 from collections import defaultdict
@@ -34,30 +37,16 @@ import numpy as np
 import pyarrow as pa
 
 from grasp_cli.artifacts.examples import IMAGE_SHAPE_KEY, Examples
-from grasp_cli.artifacts.layout import RunLayout
-from grasp_cli.artifacts.tables import read_table
-from grasp_cli.config import GraspConfig
-from grasp_cli.errors import ConfigError, InputError, first_line
+from grasp_cli.artifacts.tables import parquet_file
+from grasp_cli.errors import InputError, first_line
 from grasp_cli.prepare.documents import walk_files
+from grasp_cli.prepare.units import Source, Unit
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIXES = (".npz", ".parquet")
 IMAGE_SUFFIXES = PICTURE_SUFFIXES + ARRAY_SUFFIXES
 VISION_EXTRA = "pip install grasp-cli[vision]"
-
-# The digits demo: each of sklearn's 1797 handwritten digits goes to exactly one visual domain,
-# with these default shares. The two rare domains give the target tasks.
-DIGIT_DOMAIN_SHARES = {
-    "original": 0.30,
-    "thick": 0.20,
-    "noisy": 0.15,
-    "shifted": 0.15,
-    "rotated": 0.10,
-    "inverted": 0.10,
-}
-DEMO_IMAGE_HOLDOUT = ["rotated", "inverted"]
-DEMO_IMAGE_SIZE = 16
-DEMO_DIGIT_SIZE = 12  # each 8×8 digit is upsampled to 12×12 and centred on the 16×16 canvas
+IMAGE_BATCH_ROWS = 1024  # images decoded (and parquet rows read) at a time
 
 
 @dataclass(frozen=True)
@@ -166,6 +155,29 @@ def decode_image(data: bytes | Path, source: str) -> np.ndarray:
     raise InputError(f"{source}: unsupported image mode {mode!r} (use grayscale or RGB)")
 
 
+_GRAY_MODES = ("1", "L", "LA", "I")
+_COLOUR_MODES = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def image_header(data: bytes | Path, source: str) -> np.ndarray:
+    """The shape ``decode_image`` would give, from the file's header only (nothing decoded):
+    a read-only zero-copy placeholder ``[H, W]`` or ``[H, W, 3]``."""
+    Image = _pillow()
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            mode, (width, height) = img.mode, img.size
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, ValueError, SyntaxError, ...
+        detail = first_line(exc)
+        raise InputError(f"{source}: unreadable image ({detail[:160]})") from None
+    if mode in _GRAY_MODES or mode.startswith("I;16"):
+        shape: tuple[int, ...] = (height, width)
+    elif mode in _COLOUR_MODES:
+        shape = (height, width, 3)
+    else:
+        raise InputError(f"{source}: unsupported image mode {mode!r} (use grayscale or RGB)")
+    return np.broadcast_to(np.zeros((), np.uint8), shape)
+
+
 def to_uint8(values: np.ndarray, source: str) -> np.ndarray:
     """uint8 as is; integers within 0..255; bool; floats in [0, 1] scaled to 0..255 and rounded."""
     if values.dtype == np.uint8:
@@ -231,8 +243,8 @@ def _labels_array(values: np.ndarray, n: int, source: str) -> list[int | str]:
 # ---------------------------------------------------------------- readers
 
 
-def read_picture(path: Path, root: Path | None) -> ImageRecord:
-    """One PNG/JPEG of a ``DOMAIN/CLASS/file`` tree."""
+def picture_label(path: Path, root: Path | None) -> tuple[str, str]:
+    """``(label, domain)`` of a PNG/JPEG from its place in a ``DOMAIN/CLASS/file`` tree."""
     if root is not None:
         parts = path.relative_to(root).parts
         if len(parts) < 2:
@@ -245,9 +257,14 @@ def read_picture(path: Path, root: Path | None) -> ImageRecord:
         label, domain = path.parent.name, path.parent.parent.name
     if not label:
         raise InputError(f"{path}: missing label: put the image in a folder named after its class")
-    return ImageRecord(
-        decode_image(path, str(path)), label, domain or "default", str(path), str(path)
-    )
+    return label, domain or "default"
+
+
+def read_picture(path: Path, root: Path | None, header_only: bool = False) -> ImageRecord:
+    """One PNG/JPEG of a ``DOMAIN/CLASS/file`` tree (``header_only``: shape, no pixels)."""
+    label, domain = picture_label(path, root)
+    image = image_header(path, str(path)) if header_only else decode_image(path, str(path))
+    return ImageRecord(image, label, domain, str(path), str(path))
 
 
 def read_npz(path: Path) -> list[ImageRecord]:
@@ -306,39 +323,36 @@ def read_npz(path: Path) -> list[ImageRecord]:
     ]
 
 
-def read_image_parquet(path: Path) -> list[ImageRecord]:
-    """Rows of a ``.parquet`` with ``image``, ``label`` and optional ``domain`` columns."""
-    table = read_table(path)
-    names = table.column_names
+def iter_image_parquet(path: Path, header_only: bool = False) -> Iterator[ImageRecord]:
+    """Rows of a ``.parquet`` with ``image``, ``label`` and optional ``domain`` columns, streamed
+    by record batches (``header_only``: shapes, no pixels)."""
+    handle = parquet_file(path)
+    schema = handle.schema_arrow
+    names = schema.names
     if "image" not in names:
         raise InputError(f"{path}: missing column 'image' (has: {', '.join(names)})")
     if "label" not in names:
         raise InputError(f"{path}: missing labels: no column 'label' (has: {', '.join(names)})")
-    if table.num_rows == 0:
+    if handle.metadata.num_rows == 0:
         raise InputError(f"{path}: no images (the table has no rows)")
-    image_type = table.schema.field("image").type
-    if pa.types.is_struct(image_type):
-        if image_type.get_field_index("bytes") < 0:
-            raise InputError(f"{path}: column 'image' is a struct without a 'bytes' field")
-        blobs = table.column("image").combine_chunks().field("bytes").to_pylist()
-    elif (
+    image_type = schema.field("image").type
+    struct = pa.types.is_struct(image_type)
+    if struct and image_type.get_field_index("bytes") < 0:
+        raise InputError(f"{path}: column 'image' is a struct without a 'bytes' field")
+    if not struct and not (
         pa.types.is_binary(image_type)
         or pa.types.is_large_binary(image_type)
         or pa.types.is_fixed_size_binary(image_type)
     ):
-        blobs = table.column("image").to_pylist()
-    else:
         raise InputError(
             f"{path}: column 'image' has type {image_type}; expected binary (PNG/JPEG bytes, or raw "
             "uint8 pixels with grasp.image_shape metadata)"
         )
-    meta = table.schema.metadata or {}
+    meta = schema.metadata or {}
     raw_shape = None
     if IMAGE_SHAPE_KEY in meta:
-        import json
-
         raw_shape = tuple(int(s) for s in json.loads(meta[IMAGE_SHAPE_KEY]))
-    label_type = table.schema.field("label").type
+    label_type = schema.field("label").type
     if not (
         pa.types.is_integer(label_type)
         or pa.types.is_string(label_type)
@@ -347,45 +361,76 @@ def read_image_parquet(path: Path) -> list[ImageRecord]:
         raise InputError(
             f"{path}: column 'label' has type {label_type}; expected integers or class names"
         )
-    labels = table.column("label").to_pylist()
-    domains = table.column("domain").to_pylist() if "domain" in names else [None] * len(labels)
-    records = []
-    for row, (blob, label, domain) in enumerate(zip(blobs, labels, domains, strict=True)):
-        where = f"{path}:row {row}"
-        if blob is None:
-            raise InputError(f"{where}: missing image")
-        if label is None:
-            raise InputError(f"{where}: missing label")
-        if isinstance(label, int) and label < 0:
-            raise InputError(f"{where}: label {label} is negative")
-        if raw_shape is not None:
-            if len(blob) != math.prod(raw_shape):
-                raise InputError(
-                    f"{where}: {len(blob)} image bytes, expected {math.prod(raw_shape)} for shape {list(raw_shape)}"
-                )
-            image = np.frombuffer(blob, dtype=np.uint8).reshape(raw_shape)
-            if image.ndim == 3 and image.shape[2] == 1:
-                image = image[..., 0]
-        else:
-            image = decode_image(blob, where)
-        records.append(ImageRecord(image, label, str(domain or path.stem), f"{path}#{row}", where))
-    return records
+    columns = [name for name in ("image", "label", "domain") if name in names]
+    row = 0
+    try:
+        batches = handle.iter_batches(batch_size=IMAGE_BATCH_ROWS, columns=columns)
+        for batch in batches:
+            column = batch.column("image")
+            blobs = (column.field("bytes") if struct else column).to_pylist()
+            labels = batch.column("label").to_pylist()
+            domains = (
+                batch.column("domain").to_pylist() if "domain" in columns else [None] * len(labels)
+            )
+            for blob, label, domain in zip(blobs, labels, domains, strict=True):
+                yield _parquet_record(path, row, blob, label, domain, raw_shape, header_only)
+                row += 1
+    except (pa.ArrowException, OSError) as exc:
+        first = str(exc).strip().splitlines()
+        raise InputError(
+            f"{path}: not a readable Parquet file ({first[0] if first else type(exc).__name__})"
+        ) from None
+
+
+def _parquet_record(
+    path: Path,
+    row: int,
+    blob: bytes | None,
+    label: int | str | None,
+    domain: str | None,
+    raw_shape: tuple[int, ...] | None,
+    header_only: bool,
+) -> ImageRecord:
+    where = f"{path}:row {row}"
+    if blob is None:
+        raise InputError(f"{where}: missing image")
+    if label is None:
+        raise InputError(f"{where}: missing label")
+    if isinstance(label, int) and label < 0:
+        raise InputError(f"{where}: label {label} is negative")
+    if raw_shape is not None:
+        if len(blob) != math.prod(raw_shape):
+            raise InputError(
+                f"{where}: {len(blob)} image bytes, expected {math.prod(raw_shape)} for shape {list(raw_shape)}"
+            )
+        image = np.frombuffer(blob, dtype=np.uint8).reshape(raw_shape)
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[..., 0]
+    else:
+        image = image_header(blob, where) if header_only else decode_image(blob, where)
+    return ImageRecord(image, label, str(domain or path.stem), f"{path}#{row}", where)
 
 
 def load_image_records(patterns: list[str]) -> list[ImageRecord]:
     """Every image of the inputs, in file order; empty input is an error."""
-    records: list[ImageRecord] = []
-    for path, root in expand_image_inputs(patterns):
-        suffix = path.suffix.lower()
-        if suffix == ".npz":
-            records += read_npz(path)
-        elif suffix == ".parquet":
-            records += read_image_parquet(path)
-        else:
-            records.append(read_picture(path, root))
+    records = [r for path, root in expand_image_inputs(patterns) for r in iter_records(path, root)]
     if not records:
         raise InputError(f"{', '.join(patterns)}: no images found")
     return records
+
+
+def iter_records(path: Path, root: Path | None, header_only: bool = False) -> Iterator[ImageRecord]:
+    """The images of one input file, streamed (a ``.npz`` is read whole: it is one array).
+
+    ``header_only``: PNG/JPEG are not decoded, their records hold a zero-copy placeholder of
+    the decoded shape (what the plan needs: shapes and labels)."""
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        yield from read_npz(path)
+    elif suffix == ".parquet":
+        yield from iter_image_parquet(path, header_only)
+    else:
+        yield read_picture(path, root, header_only)
 
 
 # ---------------------------------------------------------------- stacking
@@ -422,10 +467,14 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     return y.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def stack_records(records: list[ImageRecord], image_size: int) -> np.ndarray:
-    """One uint8 array ``[N, H, W(, C)]``: gray promoted to RGB when colour is present, resized
-    to ``image_size`` when it is set, otherwise every image must have the same shape."""
-    colour = any(r.image.ndim == 3 for r in records)
+def stack_records(
+    records: list[ImageRecord], image_size: int, colour: bool | None = None
+) -> np.ndarray:
+    """One uint8 array ``[N, H, W(, C)]``: gray promoted to RGB when colour is present (in
+    ``records``, or anywhere when ``colour`` says so), resized to ``image_size`` when it is
+    set, otherwise every image must have the same shape."""
+    if colour is None:
+        colour = any(r.image.ndim == 3 for r in records)
     by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
     images = []
     for index, record in enumerate(records):
@@ -464,266 +513,145 @@ def records_to_examples(
     )
 
 
-# ---------------------------------------------------------------- the digits demo
+# ---------------------------------------------------------------- the plan and the stream
 
 
-def digits_demo(shares: dict[str, float], image_size: int, seed: int) -> Examples:
-    """sklearn's 1797 handwritten digits, each put (seeded) in one visual domain and transformed.
+@dataclass(frozen=True)
+class ImagePlan:
+    """What must be known about all images before the first is written, found by one pass
+    over labels and image headers (``scan_images``): class names (numbered in sorted order;
+    empty when labels are integers), whether any image is in colour (then gray ones are
+    promoted to RGB), and the one shape every row gets."""
 
-    Domains: ``original`` (upsampled to 12×12, centred on a 16×16 canvas), ``thick`` (strokes
-    dilated), ``noisy`` (Gaussian pixel noise, σ = 0.2), ``shifted`` (moved 2–3 px along each
-    axis), ``rotated`` (±15–25°),
-    ``inverted`` (dark strokes on white). ``shares`` gives each domain's fraction of the
-    digits ({} = ``DIGIT_DOMAIN_SHARES``). Returns uint8 images ``[N, S, S]`` with
-    ``S = image_size or 16`` and labels 0..9.
-    """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise InputError(
-            f"prepare.demo_images needs scikit-learn (its bundled digits): {VISION_EXTRA}"
-        ) from None
-    import torch
-    import torch.nn.functional as F
+    shape: tuple[int, ...]
+    colour: bool
+    size: int  # prepare.image_size (0 = keep the common size)
+    class_names: tuple[str, ...] = ()
 
-    shares = dict(shares or DIGIT_DOMAIN_SHARES)
-    unknown = sorted(set(shares) - set(DIGIT_DOMAIN_SHARES))
-    if unknown:
-        raise ConfigError(
-            f"prepare.demo_image_shares: unknown domain(s) {unknown} "
-            f"(choose from {', '.join(DIGIT_DOMAIN_SHARES)})"
-        )
-    if any(v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
-        raise ConfigError("prepare.demo_image_shares: shares must be >= 0 with a positive sum")
-    digits = load_digits()
-    n = len(digits.target)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    names = [name for name in DIGIT_DOMAIN_SHARES if shares.get(name, 0) > 0]
-    counts = _largest_remainder([shares[name] for name in names], n)
-    base = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)  # [n,1,8,8]
-    base = F.interpolate(
-        base, size=(DEMO_DIGIT_SIZE, DEMO_DIGIT_SIZE), mode="bilinear", align_corners=False
-    )
-    margin = (DEMO_IMAGE_SIZE - DEMO_DIGIT_SIZE) // 2
-    base = F.pad(
-        base, (margin, margin, margin, margin)
-    )  # room to shift and rotate without cropping
-    images, labels, domains, docs = [], [], [], []
-    start = 0
-    for name, count in zip(names, counts, strict=True):
-        rows = np.sort(order[start : start + count])
-        start += count
-        x = _transform(name, base[rows], rng)
-        images.append(x.clamp(0, 1))
-        labels.append(digits.target[rows])
-        domains += [name] * len(rows)
-        docs += [f"digits/{int(r)}" for r in rows]
-    x = torch.cat(images)
-    size = image_size or DEMO_IMAGE_SIZE
-    if size != DEMO_IMAGE_SIZE:
-        x = F.interpolate(
-            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
-    pixels = (x * 255.0).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
-    return Examples(
-        np.arange(len(pixels), dtype=np.int64),
-        np.array(domains, dtype=object),
-        np.array(docs, dtype=object),
-        {"image": pixels, "label": np.concatenate(labels).astype(np.int64)},
-    )
+    def codes(self, labels: list[int | str]) -> np.ndarray:
+        """int64 codes of ``labels`` (class names by their sorted position)."""
+        lookup = {name: code for code, name in enumerate(self.class_names)}
+        out = []
+        for label in labels:
+            if isinstance(label, str) and not label.isdigit():
+                out.append(lookup[label])
+            else:
+                out.append(int(label))
+        return np.asarray(out, dtype=np.int64)
 
-
-def _largest_remainder(shares: list[float], total: int) -> list[int]:
-    raw = np.asarray(shares, dtype=np.float64) / sum(shares) * total
-    counts = np.floor(raw).astype(int)
-    for index in np.argsort(-(raw - counts), kind="stable")[: total - counts.sum()]:
-        counts[index] += 1
-    return counts.tolist()
-
-
-def _transform(name: str, x, rng: np.random.Generator):
-    """One demo domain's transformation of float images ``[b, 1, S, S]`` in [0, 1]."""
-    import torch
-    import torch.nn.functional as F
-
-    b = x.shape[0]
-    if name == "original":
-        return x
-    if name == "thick":
-        return F.max_pool2d(x, 3, stride=1, padding=1)
-    if name == "inverted":
-        return 1.0 - x
-    if name == "noisy":
-        noise = torch.from_numpy(rng.normal(0.0, 0.2, size=tuple(x.shape)).astype(np.float32))
-        return x + noise
-    if name == "shifted":
-        shifts = rng.integers(2, 4, size=(b, 2)) * rng.choice([-1, 1], size=(b, 2))
-        pad = 3
-        padded = F.pad(x, (pad, pad, pad, pad))
-        size = x.shape[-1]
-        out = torch.empty_like(x)
-        for i, (dy, dx) in enumerate(shifts.tolist()):
-            out[i] = padded[i, :, pad - dy : pad - dy + size, pad - dx : pad - dx + size]
-        return out
-    if name == "rotated":
-        angles = np.deg2rad(rng.uniform(15, 25, size=b) * rng.choice([-1, 1], size=b))
-        cos, sin = np.cos(angles), np.sin(angles)
-        theta = np.zeros((b, 2, 3), dtype=np.float32)
-        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
-        grid = F.affine_grid(torch.from_numpy(theta), list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    raise ConfigError(f"unknown demo image domain {name!r}")
-
-
-# ---------------------------------------------------------------- the stage
-
-
-def split_holdout_images(
-    corpus: Examples, domains: list[str], fraction: float, seed: int
-) -> tuple[Examples, dict[str, Examples]]:
-    """Move a seeded ``fraction`` of each named domain's images (at least one, never all) to a task."""
-    present = sorted(set(corpus.domains.tolist()))
-    rng = np.random.default_rng(seed)
-    held: dict[str, Examples] = {}
-    keep = np.ones(len(corpus), dtype=bool)
-    for domain in domains:
-        pool = np.flatnonzero(corpus.domains == domain)
-        if len(pool) == 0:
-            raise InputError(
-                f"prepare.holdout_domains: no images in domain {domain!r} (domains: {', '.join(present)})"
-            )
-        if len(pool) < 2:
-            raise InputError(
-                f"prepare.holdout_domains: domain {domain!r} has one image; need two to hold one out"
-            )
-        count = min(len(pool) - 1, max(1, math.ceil(fraction * len(pool))))
-        chosen = np.sort(rng.choice(pool, size=count, replace=False))
-        held[domain] = _renumber(corpus.take(chosen))
-        keep[chosen] = False
-    return _renumber(corpus.take(np.flatnonzero(keep))), held
-
-
-def _renumber(examples: Examples) -> Examples:
-    examples.ids = np.arange(len(examples), dtype=np.int64)
-    return examples
-
-
-def _cap_per_domain(examples: Examples, cap: int, seed: int) -> Examples:
-    rng = np.random.default_rng(seed)
-    kept = []
-    for domain in sorted(set(examples.domains.tolist())):
-        members = np.flatnonzero(examples.domains == domain)
-        if len(members) > cap:
-            members = np.sort(rng.choice(members, size=cap, replace=False))
-        kept.append(members)
-    return _renumber(examples.take(np.sort(np.concatenate(kept))))
-
-
-def load_image_inputs(
-    config: GraspConfig, seed: int
-) -> tuple[Examples, dict[str, Examples], list[str]]:
-    """Corpus, ``--task`` tasks and class names from the configured inputs (or the digits demo)."""
-    section = config.prepare
-    if section.demo_images:
-        if section.inputs:
-            raise ConfigError(
-                "prepare.demo_images builds its own corpus; drop the inputs or set demo_images = false"
-            )
-        corpus = digits_demo(section.demo_image_shares, section.image_size, seed)
-        tasks = {
-            name: _task_examples(
-                load_image_records([pattern]), corpus.fields["image"].shape[1:], name
-            )
-            for name, pattern in section.tasks.items()
+    def to_json(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "colour": self.colour,
+            "size": self.size,
+            "class_names": list(self.class_names),
         }
-        return corpus, tasks, []
-    if not section.inputs:
+
+    @classmethod
+    def from_json(cls, data: dict) -> ImagePlan:
+        return cls(tuple(data["shape"]), data["colour"], data["size"], tuple(data["class_names"]))
+
+
+def scan_images(files: list[tuple[Path, Path | None]], image_size: int) -> ImagePlan:
+    """One pass over ``files`` (corpus inputs, then each task's) reading labels and headers:
+    PNG/JPEG are not decoded. Raises the errors ``label_codes`` and ``stack_records`` raise."""
+    colour, named, numbered = False, set(), False
+    first_of_shape: dict[tuple[int, int], str] = {}
+    count = 0
+    for path, root in files:
+        for record in iter_records(path, root, header_only=True):
+            count += 1
+            colour |= record.image.ndim == 3
+            label = record.label
+            if isinstance(label, str) and not label.isdigit():
+                named.add(label)
+            else:
+                numbered = True
+            first_of_shape.setdefault(tuple(record.image.shape[:2]), record.source)
+    if named and numbered:
         raise InputError(
-            "prepare: no inputs; give image files/folders/globs, or prepare.demo_images"
+            "labels mix class names and integers; name every class folder or label the same way"
         )
-    from grasp_cli.prepare.stage import check_no_shared_files
-
-    check_no_shared_files(
-        [path for path, _ in expand_image_inputs(section.inputs)],
-        {
-            name: [path for path, _ in expand_image_inputs([pattern])]
-            for name, pattern in section.tasks.items()
-        },
-    )
-    corpus_records = load_image_records(section.inputs)
-    task_records = {
-        name: load_image_records([pattern]) for name, pattern in sorted(section.tasks.items())
-    }
-    everything = corpus_records + [r for records in task_records.values() for r in records]
-    codes, class_names = label_codes([r.label for r in everything])
-    images = stack_records(everything, section.image_size)
-    corpus = records_to_examples(
-        corpus_records, images[: len(corpus_records)], codes[: len(corpus_records)]
-    )
-    tasks = {}
-    start = len(corpus_records)
-    for name, records in task_records.items():
-        stop = start + len(records)
-        tasks[name] = records_to_examples(records, images[start:stop], codes[start:stop])
-        start = stop
-    return corpus, tasks, class_names
-
-
-def _task_examples(records: list[ImageRecord], shape: tuple[int, ...], name: str) -> Examples:
-    """A ``--task`` of the demo: resized to the demo's shape; labels must be digits 0..9."""
-    codes, names = label_codes([r.label for r in records])
-    if names:
-        raise InputError(
-            f"task {name!r}: the digits demo needs integer labels 0..9, got class names"
-        )
-    images = stack_records(records, int(shape[0]))
-    if images.shape[1:] != tuple(shape):
-        raise InputError(
-            f"task {name!r}: images have shape {list(images.shape[1:])}, the demo corpus {list(shape)}"
-        )
-    return records_to_examples(records, images, codes)
-
-
-def run_prepare_images(config: GraspConfig, layout: RunLayout):
-    """``prepare`` for images: read (or build the demo), cap, hold out tasks, write shards."""
-    from grasp_cli.prepare.stage import PrepareSummary, write_prepared
-
-    section = config.prepare
-    seed = config.seed("prepare")
-    if section.demo:
-        raise ConfigError("prepare.demo (text) and prepare.demo_images are exclusive; choose one")
-    corpus, tasks, class_names = load_image_inputs(config, seed)
-    holdout = section.holdout_domains
-    if section.demo_images and not holdout and not section.tasks:
-        holdout = DEMO_IMAGE_HOLDOUT
-    if section.max_docs_per_domain > 0:
-        corpus = _cap_per_domain(corpus, section.max_docs_per_domain, seed + 2)
-    corpus, held = split_holdout_images(corpus, holdout, section.holdout_fraction, seed)
-    tasks.update(held)
-    if not tasks:
-        raise InputError("prepare: no target tasks; give --task NAME=PATH or --holdout-domains")
-    if len(corpus) == 0:
-        raise InputError("prepare: the corpus has no images left after holding out the tasks")
-    num_classes = int(corpus.fields["label"].max()) + 1
-    for name in sorted(tasks):
-        labels = tasks[name].fields["label"]
-        if labels.max() >= num_classes:
+    if image_size > 0:
+        base: tuple[int, ...] = (image_size, image_size)
+    else:
+        shapes = list(first_of_shape.items())
+        if len(shapes) > 1:
+            (first_shape, first), (other_shape, other) = shapes[:2]
+            extra = (3,) if colour else ()
             raise InputError(
-                f"task {name!r} has label {int(labels.max())} but the corpus only has labels "
-                f"0..{num_classes - 1}; a classifier trained on the corpus cannot predict it"
+                f"{other}: image shape {list(other_shape + extra)} differs from "
+                f"{list(first_shape + extra)} of {first}; set prepare.image_size "
+                "(e.g. --set prepare.image_size=32) to resize all images to one square size"
             )
-        if section.max_task_seqs > 0 and len(tasks[name]) > section.max_task_seqs:
-            rng = np.random.default_rng(seed + 1)
-            keep = np.sort(rng.choice(len(tasks[name]), size=section.max_task_seqs, replace=False))
-            tasks[name] = _renumber(tasks[name].take(keep))
-    tasks = dict(sorted(tasks.items()))
-    extra = {"class_names": class_names} if class_names else {}
-    write_prepared(config, layout, corpus, tasks, seed, extra=extra)
-    counts = dict(zip(*np.unique(corpus.domains.astype(str), return_counts=True), strict=True))
-    return PrepareSummary(
-        len(corpus),
-        {k: int(v) for k, v in counts.items()},
-        {k: len(v) for k, v in tasks.items()},
-        unit="images",
-    )
+        base = shapes[0][0] if shapes else (0, 0)
+    return ImagePlan(base + ((3,) if colour else ()), colour, image_size, tuple(sorted(named)))
+
+
+def records_to_units(
+    records: list[ImageRecord], plan: ImagePlan, path: Path | None = None, root: Path | None = None
+) -> Iterator[Unit]:
+    """Units of decoded ``records`` of the file ``path``: promoted and resized as ``plan``
+    says, one row each; their keys name the file relative to ``root`` (the folder the user
+    named, else the file's own folder)."""
+    if not records:
+        return
+    images = stack_records(records, plan.size, plan.colour)
+    if images.shape[1:] != plan.shape:
+        raise InputError(
+            f"{records[0].source}: image shape {list(images.shape[1:])} differs from "
+            f"{list(plan.shape)}; set prepare.image_size to resize all images to one size"
+        )
+    labels = plan.codes([r.label for r in records])
+    prefix = str(path) if path is not None else ""
+    relative = (path.relative_to(root) if root is not None else Path(path.name)) if path else None
+    for index, record in enumerate(records):
+        key = ""
+        if relative is not None and record.doc.startswith(prefix):
+            key = relative.as_posix() + record.doc[len(prefix) :]
+        yield Unit(
+            record.doc,
+            record.domain,
+            record.source,
+            ({"image": images[index : index + 1], "label": labels[index : index + 1]},),
+            key=key,
+        )
+
+
+def image_units(path: Path, root: Path | None, plan: ImagePlan) -> Iterator[Unit]:
+    """The units of one image file, decoded in batches of ``IMAGE_BATCH_ROWS``."""
+    batch: list[ImageRecord] = []
+    for record in iter_records(path, root):
+        batch.append(record)
+        if len(batch) >= IMAGE_BATCH_ROWS:
+            yield from records_to_units(batch, plan, path, root)
+            batch = []
+    yield from records_to_units(batch, plan, path, root)
+
+
+def image_sources(patterns: list[str], plan: ImagePlan) -> list[Source]:
+    """One ``Source`` per image input file."""
+    sources = []
+    for path, root in expand_image_inputs(patterns):
+        info = path.stat()
+        sources.append(
+            Source(
+                str(path),
+                info.st_size,
+                f"{path.resolve()}:{info.st_size}:{info.st_mtime_ns}:{root}",
+                functools.partial(image_units, path, root, plan),
+            )
+        )
+    return sources
+
+
+def examples_units(examples: Examples) -> Iterator[Unit]:
+    """Units of image rows already in memory (the digits demo), one row each."""
+    for index in range(len(examples)):
+        rows = slice(index, index + 1)
+        yield Unit(
+            str(examples.docs[index]),
+            str(examples.domains[index]),
+            str(examples.docs[index]),
+            ({name: values[rows] for name, values in examples.fields.items()},),
+        )

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from grasp_cli.artifacts.atomic import creation_lock
-from grasp_cli.artifacts.examples import read_examples
+from grasp_cli.artifacts.examples import open_corpus
 from grasp_cli.artifacts.manifest import (
     build_manifest,
     file_digest,
@@ -165,14 +165,19 @@ def run_loop(ctx: StageContext, limit: int | None = None) -> str:
     else:
         number = (done[-1] if done else 0) + 1
     folder = round_folder(loop_folder, number)
-    corpus = read_examples(layout.corpus)
+    corpus = open_corpus(layout.corpus)
     codes, _ = corpus.domain_codes()
     seed = config.seed(f"loop-{number}")
 
     def skeleton(target: Path) -> None:
         selected = read_table(layout.selection / "selected.parquet").column("id").to_numpy()
-        position = {int(i): row for row, i in enumerate(corpus.ids)}
-        proposal = np.sort(np.array([position[int(i)] for i in selected], dtype=np.int64))
+        rows, known = corpus.positions(selected)
+        if not known.all():
+            raise InputError(
+                f"{layout.selection / 'selected.parquet'}: ids not in {layout.corpus}; "
+                "rerun `grasp select`"
+            )
+        proposal = np.sort(rows)
         near, fractions, kinds = perturbations(
             proposal, codes, config.loop.subsets, config.loop.swap, seed
         )

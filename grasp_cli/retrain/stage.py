@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grasp_cli.artifacts.examples import Examples, read_examples, read_tasks
+from grasp_cli.artifacts.examples import Corpus, open_corpus, read_tasks
 from grasp_cli.artifacts.manifest import file_digest, require
 from grasp_cli.artifacts.results import result_table
 from grasp_cli.artifacts.sharded import finish_if_complete, open_sharded
@@ -60,7 +60,7 @@ def job_order(jobs: list[Job], design: np.ndarray) -> list[int]:
     )
 
 
-def ensure_subsets(ctx: StageContext, corpus: Examples) -> Subsets:
+def ensure_subsets(ctx: StageContext, corpus: Corpus) -> Subsets:
     """Build ``RUN/subsets.zarr`` from the [subsets] design (deterministic, so every shard agrees)."""
     from grasp_cli.subsets.designs import plan_subsets
 
@@ -115,7 +115,7 @@ def run_retrain(
     layout, config = ctx.layout, ctx.config
     require(layout, "corpus", config, force=ctx.force)
     require(layout, "tasks", config, force=ctx.force)
-    corpus = read_examples(layout.corpus)
+    corpus = open_corpus(layout.corpus)  # ids and domains as columns; rows from a row store
     subsets = ensure_subsets(ctx, corpus)
     jobs = plan_jobs(
         list(subsets.roles),
@@ -139,7 +139,7 @@ def train_jobs(
     artifact: str,
     jobs: list[Job],
     rows_of: Callable[[Job], np.ndarray],
-    corpus: Examples,
+    corpus: Corpus,
     limit: int | None,
     order: list[int] | None = None,
     folder: Path | None = None,
@@ -263,17 +263,17 @@ def run_curation(ctx: StageContext, limit: int | None = None) -> str:
     whole corpus) with each of ``select.curation_seeds`` seeds, the same recipe as retraining."""
     layout, config = ctx.layout, ctx.config
     manifest = require(layout, "selection", config, force=ctx.force)
-    corpus = read_examples(layout.corpus)
+    corpus = open_corpus(layout.corpus)
     table = read_table(layout.selection / "curation.parquet")
-    names = sorted(
-        set(table.column("selection").to_pylist()) | set(manifest.extra.get("selections", {}))
-    )
-    position = {int(i): row for row, i in enumerate(corpus.ids)}
-    members: dict[str, list[int]] = {name: [] for name in names}
-    for name, example_id in zip(
-        table.column("selection").to_pylist(), table.column("id").to_pylist(), strict=True
-    ):
-        members[name].append(position[int(example_id)])
+    selections = np.array(table.column("selection").to_pylist(), dtype=object)
+    names = sorted(set(selections.tolist()) | set(manifest.extra.get("selections", {})))
+    rows, known = corpus.positions(table.column("id").to_numpy())
+    if not known.all():
+        raise InputError(
+            f"{layout.selection / 'curation.parquet'}: ids not in {layout.corpus}; "
+            "rerun `grasp select`"
+        )
+    members = {name: rows[selections == name].tolist() for name in names}
     if "whole" in members:
         members["whole"] = list(range(len(corpus)))
     seeds = [ctx.config.seed("retrain") + extra for extra in range(config.select.curation_seeds)]

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from grasp_cli.artifacts.atomic import atomic_dir, atomic_write_text, writing
-from grasp_cli.artifacts.examples import Examples, write_examples
+from grasp_cli.artifacts.examples import Examples, write_examples_stream
 from grasp_cli.artifacts.layout import ARTIFACTS, RunLayout
 from grasp_cli.errors import UsageError
 
@@ -74,28 +75,30 @@ def _holds_only_an_export(target: Path, entries: list[str]) -> bool:
 def write_export(
     target: Path,
     layout: RunLayout,
-    examples: Examples,
+    examples: tuple[int, Iterable[Examples]],
     *,
     force: bool,
     shard_rows: int,
     row_group_rows: int,
     provenance: dict,
 ) -> str:
-    """Write ``examples`` to ``target`` as ``part-NNNNN.parquet`` + ``_grasp_export.json``."""
+    """Write ``examples`` (row count, blocks of rows) to ``target`` as ``part-NNNNN.parquet`` +
+    ``_grasp_export.json``, streamed: never more than a block and a row group in memory."""
     mode = export_mode(target, layout, force)
-    parts = -(-max(len(examples), 1) // shard_rows)
+    count, blocks = examples
+    parts = -(-max(count, 1) // shard_rows)
     names = [f"part-{i:05d}.parquet" for i in range(parts)]
     marker = {
         "kind": "grasp export",
         "mode": mode,
         "files": names,
-        "rows": len(examples),
+        "rows": count,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **provenance,
     }
     if mode in ("create", "replace"):
         with atomic_dir(target) as folder:
-            write_examples(folder, examples, shard_rows, row_group_rows)
+            write_examples_stream(folder, blocks, shard_rows, row_group_rows)
             (folder / EXPORT_MARKER).write_text(json.dumps(marker, indent=2, default=str))
         return mode
     # "add": every name this export writes must be free; nothing is replaced.
@@ -106,6 +109,6 @@ def write_export(
             "file it did not write: choose a new folder"
         )
     with writing(target):
-        write_examples(target, examples, shard_rows, row_group_rows)
+        write_examples_stream(target, blocks, shard_rows, row_group_rows)
     atomic_write_text(target / EXPORT_MARKER, json.dumps(marker, indent=2, default=str))
     return mode

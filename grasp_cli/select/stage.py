@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from grasp_cli.artifacts.atomic import artifact_dir
-from grasp_cli.artifacts.examples import read_examples
+from grasp_cli.artifacts.examples import open_corpus
 from grasp_cli.artifacts.manifest import build_manifest, folder_digest, require, write_manifest
 from grasp_cli.artifacts.sketches import masked_row_sum, open_sketches
 from grasp_cli.artifacts.tables import write_table
@@ -100,7 +100,7 @@ def load_select_inputs(ctx: StageContext) -> SelectInputs:
     require(layout, "surrogate", ctx.config, force=ctx.force)
     stored = load_surrogate(layout.surrogate)
     sketches = open_sketches(layout.sketches)
-    corpus = read_examples(layout.corpus)
+    corpus = open_corpus(layout.corpus)  # ids and domains: columns only
     sketches.check_ids(corpus.ids, layout.corpus)
     codes, names = corpus.domain_codes()
     phi = sketches.matrix(stored.model.feature_set)
@@ -402,11 +402,12 @@ def run_select(ctx: StageContext, export: Path | None = None) -> str:
         f"({selection.passes} passes, converged={selection.converged}), F = {selection.value:.4g}"
     )
     if export is not None:
-        corpus = read_examples(layout.corpus)
+        corpus = open_corpus(layout.corpus)
+        rows = np.sort(np.asarray(selection.indices))
         mode = write_export(
             export,
             layout,
-            corpus.take(np.sort(np.asarray(selection.indices))),
+            (len(rows), corpus.iter_rows(rows, ctx.config.prepare.row_group_rows)),
             force=ctx.force,
             shard_rows=ctx.config.prepare.shard_rows,
             row_group_rows=ctx.config.prepare.row_group_rows,

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from grasp_cli.artifacts.atomic import artifact_dir
-from grasp_cli.artifacts.examples import read_examples
+from grasp_cli.artifacts.examples import open_corpus
 from grasp_cli.artifacts.manifest import build_manifest, folder_digest, require, write_manifest
 from grasp_cli.artifacts.results import read_results, utilities
 from grasp_cli.artifacts.sketches import open_sketches, row_blocks
@@ -75,7 +75,7 @@ def load_fit_inputs(ctx: StageContext) -> FitInputs:
             f"{layout.subsets} has N = {subsets.n} but {layout.sketches} has {sketches.n} rows; "
             "rerun `grasp retrain-subsets` or `grasp sketch` on the same corpus"
         )
-    corpus = read_examples(layout.corpus)
+    corpus = open_corpus(layout.corpus)  # ids and domains: columns only
     sketches.check_ids(corpus.ids, layout.corpus)
     codes, domain_names = corpus.domain_codes()
     results = read_results(layout.retrain)
