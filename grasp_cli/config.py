@@ -56,6 +56,12 @@ class PrepareSection:
         [],
         "Demo only: stdlib packages used as domains (empty = the built-in list); 'docs' is pydoc prose.",
     )
+    demo_repeat_fraction: float = _f(
+        0.0,
+        "Demo only: the seeded fraction of demo documents that appear repeated (exact copies with "
+        "their own ids, as in a crawl without deduplication); 0 = none.",
+    )
+    demo_repeat_copies: int = _f(3, "Demo only: extra copies of each repeated document.")
     max_docs_per_domain: int = _f(0, "Cap on documents per domain (0 = no cap).")
     max_seqs_per_domain: int = _f(0, "Cap on corpus sequences per domain (0 = no cap).")
     max_task_seqs: int = _f(0, "Cap on sequences per task (0 = no cap).")
@@ -625,6 +631,7 @@ def validate(config: GraspConfig) -> None:
         ("score", "chunk_rows"),
         ("select", "max_iters"),
         ("select", "block_rows"),
+        ("prepare", "demo_repeat_copies"),
     ]
     for section, key in positive:
         value = getattr(getattr(config, section), key)
@@ -660,6 +667,7 @@ def validate(config: GraspConfig) -> None:
         )
     fractions = [
         ("prepare", "holdout_fraction", False, False),
+        ("prepare", "demo_repeat_fraction", True, True),
         ("reference", "slice_fraction", False, True),
         ("subsets", "eval_fraction", False, False),
         ("subsets", "uniform_alpha", False, False),

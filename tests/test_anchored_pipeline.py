@@ -111,3 +111,24 @@ def test_every_curation_selector_is_trained_with_three_seeds(run):
     assert len(seeds) == len(expected) * 3
     page = (run / "report" / "index.html").read_text()
     assert "Closed loop" in page and "GRASP − each other selection" in page
+    assert "Repeated content" in page
+
+
+def test_repeated_slots_of_every_selection_match_a_count_over_its_rows(run):
+    """The manifest's repeats table, recounted from the corpus rows and curation.parquet."""
+    from grasp_cli.artifacts.examples import read_examples
+
+    manifest = json.loads((run / "selection" / "_grasp" / "manifest.json").read_text())
+    repeats = manifest["extra"]["repeats"]
+    corpus = read_examples(run / "corpus")
+    content = {
+        int(i): row.tobytes() for i, row in zip(corpus.ids, corpus.fields["tokens"], strict=True)
+    }
+    curation = pq.read_table(run / "selection" / "curation.parquet").to_pylist()
+    members: dict[str, list[int]] = {"corpus": [int(i) for i in corpus.ids]}
+    for r in curation:
+        members.setdefault(r["selection"], []).append(r["id"])
+    assert set(repeats) == set(members)  # "whole" is the corpus
+    for name, ids in members.items():
+        slots = len(ids) - len({content[i] for i in ids})
+        assert repeats[name] == {"rows": len(ids), "slots": slots, "share": slots / len(ids)}

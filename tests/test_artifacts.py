@@ -94,6 +94,27 @@ def test_stale_detection_by_inputs_and_config(tmp_path):
         require(layout, "reference", config)
 
 
+def test_a_setting_the_record_lacks_counts_at_its_default(tmp_path):
+    """An artifact made before a setting existed stays fresh while the setting holds its
+    default, and is stale once it is set otherwise."""
+    import json
+
+    from grasp_cli.artifacts.manifest import MANIFEST_NAME
+
+    layout = RunLayout(tmp_path)
+    config = load_config(None)
+    (tmp_path / "corpus").mkdir()
+    write_manifest(tmp_path / "corpus", build_manifest(layout, "corpus", config, content="c"))
+    path = tmp_path / "corpus" / MANIFEST_NAME
+    record = json.loads(path.read_text())
+    del record["config"]["prepare"]["demo_repeat_fraction"]  # as an older grasp wrote it
+    path.write_text(json.dumps(record))
+    assert require(layout, "corpus", config).complete
+    changed = load_config(None, ["prepare.demo_repeat_fraction=0.2"])
+    with pytest.raises(StaleError, match=r"demo_repeat_fraction: 0\.0 -> 0\.2"):
+        require(layout, "corpus", changed)
+
+
 def test_missing_and_incomplete_are_errors(tmp_path):
     layout = RunLayout(tmp_path)
     config = load_config(None)

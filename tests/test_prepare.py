@@ -41,6 +41,50 @@ def test_prepare_demo_builds_real_corpus(cli, tmp_path):
     assert manifest.complete and manifest.stage == "prepare" and manifest.extra["seq_len"] == 64
 
 
+def test_demo_repeats_copy_documents_with_their_own_ids_and_the_originals_split(cli, tmp_path):
+    """``prepare.demo_repeat_fraction`` repeats a seeded share of documents ``copies`` times;
+    each copy has its own id and lands where its original does (never a task document in the
+    corpus); fraction 0 is the plain demo corpus, row for row."""
+    common = ["--set", "prepare.max_seqs_per_domain=60", "--set", "prepare.max_task_seqs=40"]
+    common += ["--set", "prepare.demo_domains=['docs','json','email']"]
+    common += ["--holdout-domains", "docs,email"]
+    plain, repeated = tmp_path / "plain", tmp_path / "repeated"
+    assert cli("prepare", "--demo", "--run", plain, *common)[0] == 0
+    zero = tmp_path / "zero"
+    assert (
+        cli("prepare", "--demo", "--run", zero, *common, "--set", "prepare.demo_repeat_fraction=0")[
+            0
+        ]
+        == 0
+    )
+    extra = ["--set", "prepare.demo_repeat_fraction=0.3", "--set", "prepare.demo_repeat_copies=2"]
+    code, _, err = cli("prepare", "--demo", "--run", repeated, *common, *extra)
+    assert code == 0, err
+    a, z = read_examples(plain / "corpus"), read_examples(zero / "corpus")
+    np.testing.assert_array_equal(a.fields["tokens"], z.fields["tokens"])
+    corpus = read_examples(repeated / "corpus")
+    docs = corpus.docs.tolist()
+    copies = [d for d in docs if "~copy" in d]
+    assert copies and set(docs) >= {d.split("~copy")[0] for d in copies}
+    for copy in copies:  # a copy's rows are its original's rows, in the same domain
+        original = copy.split("~copy")[0]
+        rows_c = corpus.fields["tokens"][corpus.docs == copy]
+        rows_o = corpus.fields["tokens"][corpus.docs == original]
+        assert {r.tobytes() for r in rows_c} <= {r.tobytes() for r in rows_o}
+        assert set(corpus.domains[corpus.docs == copy]) == set(
+            corpus.domains[corpus.docs == original]
+        )
+    for task in read_tasks(repeated / "tasks").values():
+        originals = {d.split("~copy")[0] for d in task.docs.tolist()}
+        assert not originals & {d.split("~copy")[0] for d in docs}
+    share = len(copies) / len({d.split("~copy")[0] for d in docs})
+    assert 0.05 < share < 2 * 0.3 * 2  # about fraction x copies of the documents
+    code, _, err = cli(
+        "prepare", "--demo", "--run", tmp_path / "bad", "--set", "prepare.demo_repeat_fraction=1.5"
+    )
+    assert code == 2 and "demo_repeat_fraction" in err
+
+
 def test_prepare_jsonl_with_holdout(cli, tmp_path, text_corpus):
     run = tmp_path / "run"
     code, _, err = cli(

@@ -326,3 +326,15 @@ def test_wider_sketches_use_their_prefix():
     c = stream_select(wide, obj, 40, progress=False)
     d = stream_select(phi, obj, 40, progress=False)
     np.testing.assert_array_equal(c.indices, d.indices)
+
+
+def test_repeats_table_counts_slots_that_repeat_content_already_selected():
+    from grasp_cli.select.stage import repeats_table, row_hashes
+
+    rows = np.array([[1, 2], [1, 2], [3, 4], [1, 2], [5, 6]], dtype=np.int32)
+    content = row_hashes(rows)
+    assert content[0] == content[1] == content[3] and len(set(content.tolist())) == 3
+    table = repeats_table(content, {"a": np.array([0, 1, 3]), "b": np.array([0, 2, 4])})
+    assert table["corpus"] == {"rows": 5, "slots": 2, "share": 2 / 5}
+    assert table["a"] == {"rows": 3, "slots": 2, "share": 2 / 3}
+    assert table["b"] == {"rows": 3, "slots": 0, "share": 0.0}

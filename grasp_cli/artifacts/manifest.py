@@ -212,8 +212,14 @@ def staleness(layout: RunLayout, artifact: str, config: GraspConfig) -> str | No
     # [prepare] is partly given as flags of `grasp prepare`: RUN/config.toml records them, so
     # a later stage (or status) compares the recorded corpus recipe with the config it runs
     # with, and an edited [prepare] shows as a stale corpus.
+    # A key the record lacks counts at its default: a grasp that gained a setting (whose
+    # default keeps the old behaviour) does not make every earlier artifact stale.
+    defaults = type(config)()
     now = {name: semantic_section(config, name) for name in sections}
-    before = {name: manifest.config.get(name, {}) for name in sections}
+    before = {
+        name: {**semantic_section(defaults, name), **manifest.config.get(name, {})}
+        for name in sections
+    }
     if now != before:
         return f"{artifact} was made with another config ({_config_diff(before, now)})"
     return None

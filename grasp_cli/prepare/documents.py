@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from grasp_cli.artifacts.tables import parquet_file
 from grasp_cli.errors import InputError
+from grasp_cli.prepare.split import UINT64_SPAN, unit_key
 from grasp_cli.prepare.tokens import byte_sequences, sequences_of_chunks
 from grasp_cli.prepare.units import Source, Unit
 
@@ -343,17 +344,44 @@ def split_python_source(text: str) -> list[str]:
     return [piece for piece in pieces if piece.strip()]
 
 
-def demo_sources(domains: list[str] | None, seq_len: int) -> list[Source]:
-    """The demo corpus as sources: pydoc's topics (one source) and each stdlib module file."""
+@dataclass(frozen=True)
+class Repeats:
+    """Exact copies of a seeded ``fraction`` of documents (the demo's crawl without
+    deduplication): a document is repeated when ``unit_key(seed, "repeat", id)`` falls in the
+    lowest ``fraction`` of the key range, ``copies`` more times, each copy with its own id
+    (``<id>~copy<j>``) but the original's split key, so every copy lands where the original
+    does (corpus or task: a repeat never leaks a task document into the corpus)."""
+
+    fraction: float
+    copies: int
+    seed: int
+
+    def of(self, document: Document, seq_len: int) -> Iterator[Unit]:
+        yield document_unit(document, seq_len)
+        if unit_key(self.seed, "repeat", document.doc_id) / UINT64_SPAN < self.fraction:
+            for copy in range(1, self.copies + 1):
+                unit = document_unit(document, seq_len)
+                unit.doc, unit.key = f"{document.doc_id}~copy{copy}", document.doc_id
+                yield unit
+
+
+def demo_sources(
+    domains: list[str] | None, seq_len: int, repeats: Repeats | None = None
+) -> list[Source]:
+    """The demo corpus as sources: pydoc's topics (one source) and each stdlib module file,
+    with ``repeats`` (when given) repeating some documents."""
     return [
-        Source(name, size, stamp, functools.partial(_document_units, read, seq_len))
+        Source(name, size, stamp, functools.partial(_document_units, read, seq_len, repeats))
         for name, size, stamp, read in _demo_pieces(domains)
     ]
 
 
-def _document_units(read, seq_len: int) -> Iterator[Unit]:
+def _document_units(read, seq_len: int, repeats: Repeats | None = None) -> Iterator[Unit]:
     for document in read():
-        yield document_unit(document, seq_len)
+        if repeats is None or repeats.fraction <= 0:
+            yield document_unit(document, seq_len)
+        else:
+            yield from repeats.of(document, seq_len)
 
 
 def _demo_pieces(domains: list[str] | None) -> list[tuple]:

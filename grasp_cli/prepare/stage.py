@@ -35,6 +35,7 @@ from grasp_cli.artifacts.shards import ShardSpec
 from grasp_cli.config import GraspConfig, semantic_section
 from grasp_cli.errors import ConfigError, GraspError, InputError
 from grasp_cli.prepare.documents import (
+    Repeats,
     default_demo_holdout,
     demo_sources,
     expand_inputs,
@@ -136,7 +137,8 @@ def build_plan(config: GraspConfig, layout: RunLayout) -> Plan:
     if images:
         return _image_plan(config, layout, seed)
     if section.demo:
-        sources = demo_sources(section.demo_domains or None, section.seq_len)
+        repeats = Repeats(section.demo_repeat_fraction, section.demo_repeat_copies, seed)
+        sources = demo_sources(section.demo_domains or None, section.seq_len, repeats)
         holdout = section.holdout_domains or ([] if section.tasks else default_demo_holdout())
         patterns: list[str] = []
     else:

@@ -137,6 +137,7 @@ class ReportInputs:
     top_examples: dict[str, list[dict]] = field(default_factory=dict)
     score_reference: str = "corpus"
     curation_results: list[dict] = field(default_factory=list)
+    repeats: dict[str, dict] = field(default_factory=dict)  # selection -> rows, slots, share
     loop: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -689,7 +690,32 @@ def curation_html(inputs: ReportInputs, have_plots: bool) -> str:
                     "(none with one seed). Green: GRASP better beyond seed noise; red: worse.",
                 )
             )
+    if inputs.repeats:
+        parts.append(repeats_html(inputs.repeats, summary))
     return "".join(parts)
+
+
+def repeats_html(repeats: dict[str, dict], summary: list[dict]) -> str:
+    """Slots each selection spent on content it already holds (rows identical to another
+    selected row), beside its measured mean task loss."""
+    losses = {r["selection"]: r.get("mean", "") for r in summary}
+    rows = [
+        {
+            "selection": name,
+            "rows": r["rows"],
+            "repeated slots": r["slots"],
+            "share": f"{100 * r['share']:.1f} %",
+            "mean task loss": losses.get(name, "—"),
+        }
+        for name, r in sorted(repeats.items(), key=lambda item: item[1]["share"])
+    ]
+    return (
+        "<h3>Repeated content</h3><p>Rows of each selection whose tokens (or pixels) another "
+        "selected row already has: slots that add no new data. <code>corpus</code>: the whole "
+        "corpus, for reference. A selector that models redundancy keeps this low when the "
+        "corpus repeats itself.</p>"
+        + table(rows, ["selection", "rows", "repeated slots", "share", "mean task loss"])
+    )
 
 
 def loop_html(rows: list[dict]) -> str:

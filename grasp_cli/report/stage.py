@@ -168,7 +168,9 @@ def read_selection(folder: Path, domain_of: dict[int, str], inputs: ReportInputs
         for name, ids in _ids_by_selection(read_table(folder / "curation.parquet")).items():
             if name not in ("grasp", "whole"):
                 inputs.selection_domains[name] = dict(Counter(domain_of.get(i, "?") for i in ids))
-    skipped = read_manifest(folder).extra.get("curation_skipped") or {}
+    extra = read_manifest(folder).extra
+    inputs.repeats = extra.get("repeats") or {}
+    skipped = extra.get("curation_skipped") or {}
     for name, why in skipped.items():
         inputs.notes.append(f"Curation selection {name} skipped: {why}")
 

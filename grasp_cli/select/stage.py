@@ -7,6 +7,7 @@ selection and the additive top-B selection of the same size.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,23 @@ def choose(
         extra["curation_skipped"] = skipped
         extra["predicted_objective"] = predicted
         extra["selections"] = {name: int(len(r)) for name, r in curation.items()}
+        if curation_data is not None and curation_data.content is not None:
+            chosen = {name: rows for name, rows in curation.items() if name != "whole"}
+            extra["repeats"] = repeats_table(curation_data.content, chosen)
     return SelectOutputs(selection, budget, curation, extra)
+
+
+def repeats_table(content: np.ndarray, selections: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per selection (and the corpus): ``slots`` spent on rows whose content another selected
+    row already has, and their ``share`` of the selection — what a selector that models
+    redundancy should keep low when the corpus repeats itself."""
+    from grasp_cli.select.curation import repeated_share
+
+    out = {}
+    for name, rows in {"corpus": np.arange(len(content)), **selections}.items():
+        slots, share = repeated_share(content, rows)
+        out[name] = {"rows": int(len(rows)), "slots": slots, "share": share}
+    return out
 
 
 @dataclass
@@ -181,6 +198,7 @@ class CurationData:
     trak_rows: Any  # Q_i ψ_i rows (streamable) or None
     dirichlet_alpha: float
     open_rows: np.ndarray | None = None  # the closed loop's first proposal (open-loop GRASP)
+    content: np.ndarray | None = None  # uint64 [N]: a hash of each row's tokens or pixels
 
 
 def curation_selections(
@@ -328,15 +346,18 @@ def load_curation_data(ctx: StageContext, inputs: SelectInputs) -> CurationData:
     task_domains = [lookup[name] for name in task_names if name in lookup]
     texts = task_texts = None
     manifest = require(layout, "corpus", ctx.config, force=True, check_config=False)
-    if manifest.extra.get("kind") == "tokens":
-        vocab = int(manifest.extra.get("vocab_size", 257))
-        pad = manifest.extra.get("pad_id", 256)
-        byte_vocab = vocab <= 257
-        texts = [
-            row_text(row, pad, byte_vocab)
-            for _, block in iter_example_blocks(layout.corpus, 0, len(inputs.ids), 4096)
-            for row in block.fields["tokens"]
-        ]
+    is_text = manifest.extra.get("kind") == "tokens"
+    vocab = int(manifest.extra.get("vocab_size", 257))
+    pad = manifest.extra.get("pad_id", 256)
+    byte_vocab = vocab <= 257
+    texts = [] if is_text else None
+    content = np.zeros(len(inputs.ids), dtype=np.uint64)
+    for start, block in iter_example_blocks(layout.corpus, 0, len(inputs.ids), 4096):
+        rows = block.fields["tokens"] if is_text else block.fields["image"]
+        content[start : start + len(rows)] = row_hashes(rows)
+        if texts is not None:
+            texts.extend(row_text(row, pad, byte_vocab) for row in rows)
+    if is_text:
         task_texts = {
             name: [row_text(row, pad, byte_vocab) for row in examples.fields["tokens"]]
             for name, examples in read_tasks(layout.tasks).items()
@@ -352,7 +373,25 @@ def load_curation_data(ctx: StageContext, inputs: SelectInputs) -> CurationData:
         else None
     )
     return CurationData(
-        task_domains, texts, task_texts, trak_rows, ctx.config.subsets.dirichlet_alpha, open_rows
+        task_domains,
+        texts,
+        task_texts,
+        trak_rows,
+        ctx.config.subsets.dirichlet_alpha,
+        open_rows,
+        content,
+    )
+
+
+def row_hashes(rows: np.ndarray) -> np.ndarray:
+    """uint64 ``[R]``: a 64-bit hash of each row's bytes (equal rows, equal hashes)."""
+    rows = np.ascontiguousarray(rows)
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little")
+            for row in rows
+        ],
+        dtype=np.uint64,
     )
 
 
