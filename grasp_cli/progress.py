@@ -96,3 +96,19 @@ def log(message: str, enabled: bool = True) -> None:
     if enabled:
         _configure_logging()
         LOG.info(message)
+
+
+def progress_steps(desc: str, enabled: bool = True):
+    """An ``on_step(done, total, what)`` callback for library code that knows its step count
+    only once it starts: a ``Progress`` made at the first call, told of each step."""
+    state: dict[str, Progress] = {}
+
+    def on_step(done: int, total: int, what: str) -> None:
+        if "bar" not in state:
+            state["bar"] = Progress(total, desc, unit="steps", enabled=enabled, min_interval_s=0)
+        bar = state["bar"]
+        bar.update(done - bar.done, note=what)
+        if done >= total:
+            bar.close()
+
+    return on_step

@@ -403,8 +403,9 @@ def test_artifacts_hold_no_pickles(run):
 
 
 def test_stages_that_need_ids_and_domains_never_read_token_rows(run, tmp_path, monkeypatch):
-    """fit-surrogate, score and select read corpus columns only; retrain-subsets reads rows
-    through the row store, never by decoding row groups in its own process."""
+    """fit-surrogate, score and select (its curation check aside) read corpus columns only;
+    retrain-subsets reads rows through the row store, never by decoding row groups in its own
+    process."""
     import grasp_cli.artifacts.examples as examples
 
     names = ("corpus", "tasks", "reference", "sketches.zarr", "subsets.zarr", "retrain")
@@ -418,7 +419,8 @@ def test_stages_that_need_ids_and_domains_never_read_token_rows(run, tmp_path, m
         return original(table, path, first_row)
 
     monkeypatch.setattr(examples, "_table_to_examples", watched)
-    for stage in (["fit-surrogate"], ["score"], ["select"]):
+    # (select's curation check reads rows by design: DSIR's n-grams, the repeats table)
+    for stage in (["fit-surrogate"], ["score"], ["select", "--set", "select.curation=false"]):
         ok(*stage, "-c", CONFIG, "--run", other, "-q")
     assert decoded == []
     # the row store is built once (one pass over the rows), then training reads only batches
@@ -431,3 +433,33 @@ def test_stages_that_need_ids_and_domains_never_read_token_rows(run, tmp_path, m
     decoded.clear()
     ok("retrain-subsets", "-c", CONFIG, "--run", other, "-q", "--force", "--limit", "2")
     assert decoded == []  # the row store is reused
+
+
+def test_progress_in_a_job_log_is_one_timestamped_line_per_step(run, tmp_path):
+    """With stderr not a terminal (a SLURM log), prepare and fit-surrogate write progress as
+    timestamped lines, never tqdm's carriage-return updates."""
+    import os
+    import subprocess
+    import sys
+
+    other = copy_run(
+        run, tmp_path / "other", ("corpus", "tasks", "sketches.zarr", "subsets.zarr", "retrain")
+    )
+    env = {**os.environ, "GRASP_PROGRESS": "1"}
+    command = [sys.executable, "-c", "from grasp_cli.cli import entry; entry()"]
+    logs = {}
+    for stage in ("fit-surrogate", "prepare"):  # prepare last: --force rebuilds the corpus
+        done = subprocess.run(
+            [*command, stage, "-c", CONFIG, "--run", other, "--force"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        logs[stage] = done.stderr
+    for stage, text in logs.items():
+        assert "\r" not in text
+        lines = [line for line in text.splitlines() if f"grasp {stage}" in line]
+        assert lines, (stage, text[-1000:])
+        assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d grasp ", line) for line in lines)
+    steps = [line for line in logs["fit-surrogate"].splitlines() if "steps" in line]
+    assert "methods fitted by the LCB protocol" in steps[0]
+    assert re.search(r"(\d+)/\1 steps", steps[-1])  # the last step is logged

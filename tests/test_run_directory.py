@@ -236,3 +236,26 @@ def test_quiet_stages_print_no_progress(tmp_path, capfd):
     build_run(tmp_path / "run", [["prepare", "--quiet"], ["sketch", "--quiet"]])
     err = capfd.readouterr().err
     assert err == "", err
+
+
+def test_help_and_status_never_import_torch(tmp_path):
+    """`grasp --help`, a stage's help and `grasp status` answer without importing torch (which
+    takes seconds): the CLI imports each stage's code only when the stage runs."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from grasp_cli.cli import entry\n"
+        "sys.argv = ['grasp'] + sys.argv[1:]\n"
+        "try:\n"
+        "    entry()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n"
+    )
+    for args in (["--help"], ["sketch", "--help"], ["status", "--run", str(tmp_path / "run")]):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
+        )
+        assert done.stderr.strip().endswith("NO-TORCH"), (args, done.stderr[-400:])

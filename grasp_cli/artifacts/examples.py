@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +32,7 @@ from grasp_cli.artifacts.tables import parquet_file, read_table, require_columns
 from grasp_cli.errors import InputError
 
 IMAGE_SHAPE_KEY = b"grasp.image_shape"
+MANIFEST_FILE = "_grasp/manifest.json"  # artifacts.manifest.MANIFEST_NAME (not imported: config)
 
 
 @dataclass
@@ -444,15 +446,21 @@ class Corpus:
             return {"tokens": (self._token_width(),)}
         return {"image": self.image_shape, "label": ()}
 
-    def num_classes(self) -> int:
-        """Largest label + 1: from the corpus manifest when it says, else from the label column."""
-        manifest = self.folder / "manifest.json"
+    def _recorded(self, key: str) -> Any:
+        """``extra[key]`` of the corpus manifest (``_grasp/manifest.json``), or None."""
+        manifest = self.folder / MANIFEST_FILE
         if manifest.is_file():
             try:
-                value = json.loads(manifest.read_text(encoding="utf-8"))["extra"]["num_classes"]
-                return int(value)
+                return json.loads(manifest.read_text(encoding="utf-8"))["extra"][key]
             except (OSError, ValueError, KeyError, TypeError):
-                pass
+                return None
+        return None
+
+    def num_classes(self) -> int:
+        """Largest label + 1: from the corpus manifest when it says, else from the label column."""
+        value = self._recorded("num_classes")
+        if value is not None:
+            return int(value)
         labels = read_columns(self.folder, ["label"])["label"]
         return int(labels.max()) + 1
 
@@ -469,7 +477,12 @@ class Corpus:
         return iter_example_blocks(self.folder, start, stop, block_rows)
 
     def max_token_id(self, pad_id: int, block_rows: int = 65536) -> int:
-        """The largest token id other than ``pad_id`` (-1 if none), streamed block by block."""
+        """The largest token id other than ``pad_id`` (-1 if none): the corpus manifest's
+        ``max_token_id`` (an upper bound prepare records) when it is there, else streamed
+        block by block."""
+        recorded = self._recorded("max_token_id")
+        if recorded is not None:
+            return int(recorded)
         largest = -1
         for _, block in self.iter_blocks(0, len(self), block_rows):
             tokens = block.fields["tokens"]
@@ -508,7 +521,7 @@ class Corpus:
         """Changes whenever a shard changes: the manifest's fingerprint (if any) and every
         shard's name, size and modification time."""
         digest = hashlib.sha256()
-        manifest = self.folder / "manifest.json"
+        manifest = self.folder / MANIFEST_FILE
         if manifest.is_file():
             digest.update(manifest.read_bytes())
         for path in self.paths:

@@ -341,7 +341,17 @@ def commit_prepared(
     corpus_extra = {
         "rows": merged.corpus_rows,
         "kind": "tokens" if plan.kind == "tokens" else "image",
-        **({"seq_len": config.prepare.seq_len} if plan.kind == "tokens" else {}),
+        # byte tokens: ids 0-255, pad 256 (models.transformer); max_token_id bounds the ids
+        **(
+            {
+                "seq_len": config.prepare.seq_len,
+                "pad_id": 256,
+                "vocab_size": 257,
+                "max_token_id": 255,
+            }
+            if plan.kind == "tokens"
+            else {}
+        ),
         **merged.extra,
         "domains": merged.domains,
         "plan": plan.key,

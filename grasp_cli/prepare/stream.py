@@ -34,7 +34,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from grasp_cli.artifacts.atomic import atomic_write_text, creation_lock, writing
 from grasp_cli.artifacts.examples import Examples, PartWriter
@@ -50,6 +49,7 @@ from grasp_cli.prepare.split import (
     unit_key,
 )
 from grasp_cli.prepare.units import Source
+from grasp_cli.progress import Progress
 
 ROW_BITS = 32  # id = input number << ROW_BITS | row number within the input
 KEY_COLUMNS = ("_unit_key", "_unit_no", "_row_key")
@@ -350,12 +350,11 @@ def _stream(plan: Plan, shard: ShardSpec, folder: Path, progress: bool) -> dict:
     held_units: dict[str, int] = {}
     role_of = {domain: index for index, domain in enumerate(plan.holdout)}
     limit = plan.fraction * UINT64_SPAN
-    bar = tqdm(
-        total=sum(plan.sources[i].size for i in owned),
-        unit="B",
-        unit_scale=True,
-        desc=f"prepare {shard}",
-        disable=True if not progress else None,  # None: only on a terminal, not in job logs
+    bar = Progress(
+        sum(plan.sources[i].size for i in owned),
+        f"prepare {shard}",
+        unit="bytes",
+        enabled=progress,
     )
     for input_no in owned:
         source = plan.sources[input_no]

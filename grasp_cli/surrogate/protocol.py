@@ -700,6 +700,7 @@ def run_protocol(
     residuals: np.ndarray | None = None,
     moments: CorpusMoments | None = None,
     baselines: bool = True,
+    on_step: Callable[[int, int, str], None] | None = None,
 ) -> ProtocolResult:
     """The whole ``fit-surrogate`` computation.
 
@@ -710,7 +711,9 @@ def run_protocol(
        subsets for ``n`` in ``settings.cost_curve`` (the all-subsets point is the step-2 row).
     ``sets``: the feature sets (default: one "sketch" set from ``residuals``, the alignment
     targets, and ``moments``); GRASP's grid uses those named in ``settings.feature_grid``.
-    ``seed`` drives the folds; the bootstrap uses a seed derived from it.
+    ``seed`` drives the folds; the bootstrap uses a seed derived from it. ``on_step(done,
+    total, what)`` is told after each step (the fits, the evaluation, each cost curve), for
+    progress.
     """
     settings = ProtocolSettings.of(settings)
     if sets is None:
@@ -739,7 +742,16 @@ def run_protocol(
     if baselines:
         extra, skipped = baseline_specs(sets, features_fit, settings, task_names)
         specs.extend(extra)
+    steps = 2 + sum(spec.name != "constant" for spec in specs)
+    done = [0]
+
+    def step(what: str) -> None:
+        done[0] += 1
+        if on_step is not None:
+            on_step(done[0], steps, what)
+
     fits = fit_methods(specs, features_fit, values_fit, skipped=skipped, **cv)
+    step(f"{len(fits)} methods fitted by the LCB protocol")
 
     n_fit = len(features_fit)
     lcb_rows = [row for fit in fits.values() for row in fit.lcb_rows()]
@@ -752,10 +764,14 @@ def run_protocol(
         n_boot=settings.bootstrap,
         seed=boot_seed,
     )
+    step("held-out evaluation")
     curve_eval: list[dict[str, Any]] = []
     curve_lcb: list[dict[str, Any]] = []
     for spec in specs:  # every fitted method's artifact-cost curve (constant has none)
-        if spec.name not in fits or spec.name == "constant":
+        if spec.name == "constant":
+            continue
+        if spec.name not in fits:
+            step(f"{spec.name} skipped")
             continue
         rows_eval, rows_lcb = cost_curve(
             spec,
@@ -772,6 +788,7 @@ def run_protocol(
         )
         curve_eval += rows_eval
         curve_lcb += rows_lcb
+        step(f"cost curve of {spec.name}")
     return ProtocolResult(
         surrogate=fits["grasp"].model,  # type: ignore[arg-type]
         fits=fits,

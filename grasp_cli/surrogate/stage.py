@@ -34,6 +34,7 @@ from grasp_cli.artifacts.subsets import read_subsets
 from grasp_cli.artifacts.tables import write_table
 from grasp_cli.context import StageContext
 from grasp_cli.errors import InputError
+from grasp_cli.progress import progress_steps
 from grasp_cli.surrogate.features import CorpusMoments, SubsetFeatures, compute_subset_features
 from grasp_cli.surrogate.metrics import spearman
 from grasp_cli.surrogate.model import GraspSurrogate, float_to_json
@@ -185,7 +186,13 @@ def usable_subsets(
     return fit_rows, eval_rows, bad
 
 
-def fit_surrogate(inputs: FitInputs, settings: Any, fold_seed: int, refit_seed: int) -> FitOutputs:
+def fit_surrogate(
+    inputs: FitInputs,
+    settings: Any,
+    fold_seed: int,
+    refit_seed: int,
+    on_step: Any = None,
+) -> FitOutputs:
     """The whole computation of fit-surrogate, on arrays (no files).
 
     ``settings``: the ``[surrogate]`` values; ``fold_seed`` drives cross-validation and the
@@ -210,6 +217,7 @@ def fit_surrogate(inputs: FitInputs, settings: Any, fold_seed: int, refit_seed: 
         settings=settings,
         seed=fold_seed,
         task_names=task_names,
+        on_step=on_step,
     )
     model = result.surrogate
     utility_std = np.nanstd(measured[fit_rows], axis=0)
@@ -381,7 +389,11 @@ def run_fit_surrogate(ctx: StageContext) -> str:
     fold_seed = config.seed("surrogate")
     try:
         outputs = fit_surrogate(
-            inputs, config.surrogate, fold_seed, config.seed("bootstrap-refits")
+            inputs,
+            config.surrogate,
+            fold_seed,
+            config.seed("bootstrap-refits"),
+            on_step=progress_steps("fit-surrogate", ctx.progress),
         )
     except ValueError as exc:  # the data cannot support a fit: a problem with the inputs
         raise InputError(f"{layout.retrain}: {exc}") from None

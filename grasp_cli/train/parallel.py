@@ -19,6 +19,7 @@ import torch
 from torch.func import vmap
 
 from grasp_cli.models import ModelBundle, call_functional
+from grasp_cli.progress import Progress
 from grasp_cli.train.trainer import (
     Data,
     StateDict,
@@ -113,12 +114,8 @@ def _train_group(
         batched_loss = vmap(mean_loss, randomness="different")
         beta1, beta2 = recipe.betas
         losses = torch.empty(recipe.steps, n_models, dtype=torch.float32, device=device)
-        steps = range(recipe.steps)
-        if progress:
-            from tqdm import tqdm
-
-            steps = tqdm(steps, desc=f"train x{n_models}", unit="step", leave=False)
-        for step in steps:
+        bar = Progress(recipe.steps, f"train x{n_models}", unit="steps", enabled=progress)
+        for step in range(recipe.steps):
             batch = gather(data, rows[step], device)  # {key: [M, B, ...]}
             step_losses = batched_loss(params, batch)  # [M]
             # The models share no parameters, so d(sum)/d(params[m]) = d(loss[m])/d(params[m]).
@@ -143,6 +140,8 @@ def _train_group(
                     exp_avg_sq[name].mul_(beta2).addcmul_(g, g, value=1 - beta2)
                     denom = (exp_avg_sq[name].sqrt() / bias2_sqrt).add_(recipe.eps)
                     p.addcdiv_(exp_avg[name], denom, value=-step_size)
+            bar.update()
+        bar.close()
     wall = (time.perf_counter() - start) / n_models
     loss_values = losses.cpu().numpy().astype(np.float64)
     return [

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from grasp_cli.config import AUTO_STEPS, DEFAULT_REFERENCE_STEPS
 from grasp_cli.models import ModelBundle, call_module
+from grasp_cli.progress import Progress
 
 Data = dict[str, torch.Tensor]
 StateDict = dict[str, torch.Tensor]
@@ -199,12 +200,8 @@ def train(
         )
         params = [p for _, p in named]
         losses = torch.empty(recipe.steps, dtype=torch.float32, device=device)
-        steps = range(recipe.steps)
-        if progress:
-            from tqdm import tqdm
-
-            steps = tqdm(steps, desc="train", unit="step", leave=False)
-        for step in steps:
+        bar = Progress(recipe.steps, "train", unit="steps", enabled=progress)
+        for step in range(recipe.steps):
             lr = recipe.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -216,6 +213,8 @@ def train(
                 torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
             optimizer.step()
             losses[step] = loss.detach()
+            bar.update()
+        bar.close()
     state = {key: value.detach() for key, value in model.state_dict().items()}
     loss_values = losses.cpu().numpy().astype(np.float64)
     return TrainResult(

@@ -10,8 +10,9 @@
 #
 # `reference` is one job, `grasp sketch --shard 0 --num-shards N`: it trains θ0 (RUN/reference,
 # needed by both sketch and retrain-subsets) exactly once, and sketches shard 0 while it is at it
-# (array task 0 of the sketch array then finds its units done). Without it every array task
-# would train its own θ0 at the same time. The sketch and retrain arrays then run side by side.
+# (array task 0 of the sketch array then finds its units done). Without it θ0 would still be
+# trained once (under a file lock), but every other array task would sit waiting for it. The
+# sketch and retrain arrays then run side by side.
 #
 # Stages: prepare reference sketch retrain fit-surrogate score select curation report.
 # --from/--until submit a contiguous part of that list; a stage before --from must be finished.
