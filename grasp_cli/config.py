@@ -59,9 +59,7 @@ class PrepareSection:
     max_docs_per_domain: int = _f(0, "Cap on documents per domain (0 = no cap).")
     max_seqs_per_domain: int = _f(0, "Cap on corpus sequences per domain (0 = no cap).")
     max_task_seqs: int = _f(0, "Cap on sequences per task (0 = no cap).")
-    seq_len: int = _f(
-        64, "Tokens per training sequence (bytes); each stored row has seq_len+1 tokens."
-    )
+    seq_len: int = _f(64, "Tokens per training sequence; each stored row has seq_len+1 tokens.")
     tokenizer: str = _f(
         "bytes",
         "'bytes' (UTF-8 bytes are the tokens, pad 256) or a tokenizer.json file / a folder "
