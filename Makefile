@@ -1,5 +1,6 @@
 # grasp — set-up, demo, tests, benchmarks.
 #   make demo      create .venv, install, run the whole pipeline on the built-in demo corpus
+#   make hf-demo   the same pipeline with a Hugging Face model and a BPE tokenizer built offline
 #   make test      create .venv, install with test extras (incl. transformers for the HF tests), run pytest
 # Torch defaults to the CPU build that lies on this machine's disk; pick another with e.g.
 #   make demo TORCH_SPEC='torch==2.5.1' TORCH_INDEX='--index-url https://download.pytorch.org/whl/cu124'
@@ -19,7 +20,7 @@ LOOP_ROUNDS ?= 2
 BIN   := $(VENV)/bin
 GRASP := $(BIN)/grasp
 
-.PHONY: demo vision pipeline test test-all lint bench repro clean install install-test
+.PHONY: demo hf-demo vision pipeline test test-all lint bench repro clean install install-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,10 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-hf: pyproject.toml $(VENV)/.torch
+	$(BIN)/python -m pip install --quiet -e ".[report,hf]"
+	touch $@ $(VENV)/.installed
+
 $(VENV)/.installed-vision: pyproject.toml $(VENV)/.torch
 	$(BIN)/python -m pip install --quiet -e ".[report,vision]"
 	touch $@ $(VENV)/.installed
@@ -46,6 +51,12 @@ install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
 	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.toml RUN=$(RUN)
+
+# A tiny GPT-2 and a BPE tokenizer trained on the demo corpus (offline, deterministic) in
+# runs/hf-demo/hf-model, then the whole pipeline with prepare.tokenizer and model.kind = "hf".
+hf-demo: $(VENV)/.installed-hf
+	$(BIN)/python scripts/make_hf_demo_model.py --out runs/hf-demo/hf-model
+	$(MAKE) --no-print-directory pipeline CONFIG=configs/hf-demo.toml RUN=runs/hf-demo
 
 # The whole pipeline for one config, locally; each stage skips work that is already done.
 pipeline:

@@ -65,8 +65,32 @@ class PrepareSection:
     max_docs_per_domain: int = _f(0, "Cap on documents per domain (0 = no cap).")
     max_seqs_per_domain: int = _f(0, "Cap on corpus sequences per domain (0 = no cap).")
     max_task_seqs: int = _f(0, "Cap on sequences per task (0 = no cap).")
-    seq_len: int = _f(
-        64, "Tokens per training sequence (bytes); each stored row has seq_len+1 tokens."
+    seq_len: int = _f(64, "Tokens per training sequence; each stored row has seq_len+1 tokens.")
+    tokenizer: str = _f(
+        "bytes",
+        "'bytes' (UTF-8 bytes are the tokens, pad 256) or a tokenizer.json file / a folder "
+        "holding one (tokenizers library, offline); each document becomes its ids + EOS.",
+    )
+    eos_token: str = _f(
+        "",
+        "The end-of-document token of prepare.tokenizer (empty = the first of <|endoftext|>, "
+        "</s>, <eos>, <|end_of_text|> it has).",
+    )
+    eos_id: int = _f(
+        -1,
+        "End-of-document id of pre-tokenized inputs (.bin/.npy/Parquet input_ids; -1 = not set, "
+        "or the tokenizer's). Separates the documents of a flat .bin/.npy.",
+    )
+    pad_id: int = _f(
+        -1,
+        "Id that fills short rows, never a target (-1 = the tokenizer's pad token, else "
+        "vocab_size: the first id past the vocabulary).",
+    )
+    vocab_size: int = _f(
+        0, "Number of token ids of pre-tokenized inputs (0 = the tokenizer's); ids must be below."
+    )
+    token_dtype: str = _f(
+        "", "Element type of flat .bin token files: 'uint16' or 'uint32' (.npy files carry theirs)."
     )
     shard_rows: int = _f(100_000, "Rows per corpus Parquet shard.")
     row_group_rows: int = _f(8192, "Rows per Parquet row group.")
@@ -560,6 +584,7 @@ _CHOICES = {
     ("sketch", "trak_ref"): ("auto", "on", "off"),
     ("select", "trust_region"): ("none", "mixture"),
     ("score", "reference"): ("corpus", "selection"),
+    ("prepare", "token_dtype"): ("", "uint16", "uint32"),
 }
 
 
@@ -707,6 +732,19 @@ def validate(config: GraspConfig) -> None:
     for name, cap in config.select.domain_caps.items():
         if not math.isfinite(cap) or cap < 0:
             raise ConfigError(f"select.domain_caps.{name} = {cap!r} must be a finite number >= 0")
+    for key in ("eos_id", "pad_id"):
+        if getattr(config.prepare, key) < -1:
+            raise ConfigError(
+                f"prepare.{key} = {getattr(config.prepare, key)} must be >= 0 (-1 = not set)"
+            )
+    if config.prepare.vocab_size < 0:
+        raise ConfigError(
+            f"prepare.vocab_size = {config.prepare.vocab_size} must be >= 0 (0 = not set)"
+        )
+    if config.prepare.eos_token and config.prepare.tokenizer == "bytes":
+        raise ConfigError("prepare.eos_token names a token of prepare.tokenizer, which is 'bytes'")
+    if config.prepare.eos_token and config.prepare.eos_id >= 0:
+        raise ConfigError("prepare.eos_token and prepare.eos_id both name the EOS; keep one")
     for name in config.prepare.tasks:
         check_safe_name(name, "prepare.tasks: task name")
     for name in config.prepare.holdout_domains:

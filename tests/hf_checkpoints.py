@@ -64,3 +64,21 @@ def save(arch: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """``build(...)`` written with ``save_pretrained`` (config.json + model.safetensors)."""
     build(arch, seed, **overrides).save_pretrained(str(folder))
     return Path(folder)
+
+
+def train_tokenizer(texts, vocab_size: int = 320, specials=("<|endoftext|>",)):
+    """A byte-level BPE ``tokenizers.Tokenizer`` (GPT-2's scheme: lossless on any text) trained
+    offline on ``texts``; ``specials`` come first (ids 0..). Deterministic for the same texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(texts), trainer)
+    return tokenizer

@@ -237,14 +237,14 @@ def test_killed_shard_and_killed_final_step_rerun_to_the_same_corpus(tmp_path):
     ok(*args, "--shard", "0")  # the rerun of the killed shard: now all but shard 2 are done
     proc = spawn([*args, "--shard", "2"], flag2, stop_in_replace=f"{run.name}/corpus")
     kill_when(proc, flag2.exists)
-    assert not (run / "corpus" / "manifest.json").exists()
+    assert not (run / "corpus" / "_grasp" / "manifest.json").exists()
     code, _, err = grasp("sketch", "--run", run)
     assert code == 2 and "corpus" in err  # nothing that looks complete
     out = ok(*args, "--shard", "2")  # its rerun finds every shard done and commits
     assert out.startswith("corpus: ")
     _assert_same_prepared(one, run)
     assert not (run / "_grasp").exists()
-    leftovers = [p.name for p in run.iterdir() if p.name not in ("corpus", "tasks")]
+    leftovers = [p.name for p in run.iterdir() if p.name not in ("corpus", "tasks", "config.toml")]
     assert all(name.endswith(".lock") for name in leftovers), leftovers
 
 

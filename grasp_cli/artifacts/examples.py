@@ -1,6 +1,7 @@
 """Corpus and task shards: the ``examples`` schema every stage reads, and how stages read it.
 
-Text:   id int64, domain string, doc string, tokens list<int32>   (seq_len + 1 tokens per row)
+Text:   id int64, domain string, doc string, tokens list<int32>   (seq_len + 1 tokens per row),
+        and for tokenized corpora offset int64 (the row's first token's position in its document)
 Images: id int64, domain string, doc string, image binary (uint8, C-order), label int64;
         the image shape is stored in the schema metadata key ``grasp.image_shape``.
 
@@ -19,7 +20,6 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,11 +33,15 @@ from grasp_cli.errors import InputError
 
 IMAGE_SHAPE_KEY = b"grasp.image_shape"
 MANIFEST_FILE = "_grasp/manifest.json"  # artifacts.manifest.MANIFEST_NAME (not imported: config)
+METADATA_FIELDS = ("offset",)  # fields that locate a row, not model inputs
+PAD_ID_OF_BYTES = 256  # a manifest without pad_id: grasp's byte corpus (models.transformer.PAD_ID)
 
 
 @dataclass
 class Examples:
-    """Rows of a corpus or task, in memory. ``fields`` holds 'tokens' or 'image' + 'label'."""
+    """Rows of a corpus or task, in memory. ``fields`` holds 'tokens' (and, for a tokenized
+    corpus, 'offset': int64 [N], where each row starts in its document, in tokens) or
+    'image' + 'label'. 'offset' locates a row; it is never a model input."""
 
     ids: np.ndarray  # int64 [N]
     domains: np.ndarray  # object (str) [N]
@@ -55,6 +59,8 @@ class Examples:
         """Tensors for training: tokens/labels as int64, images kept as uint8."""
         out = {}
         for name, values in self.fields.items():
+            if name in METADATA_FIELDS:
+                continue
             tensor = torch.from_numpy(np.ascontiguousarray(values))
             out[name] = tensor if name == "image" else tensor.long()
         return out
@@ -74,7 +80,11 @@ class Examples:
 
     def row_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of one row of each field: ``{"tokens": (W,)}`` or ``{"image": (H, W[, C]), "label": ()}``."""
-        return {name: tuple(values.shape[1:]) for name, values in self.fields.items()}
+        return {
+            name: tuple(values.shape[1:])
+            for name, values in self.fields.items()
+            if name not in METADATA_FIELDS
+        }
 
     def num_classes(self) -> int:
         """Largest label + 1 (image corpora)."""
@@ -94,6 +104,10 @@ def examples_to_table(examples: Examples) -> pa.Table:
         columns["tokens"] = pa.FixedSizeListArray.from_arrays(flat, tokens.shape[1]).cast(
             pa.list_(pa.int32())
         )
+        if "offset" in examples.fields:
+            columns["offset"] = pa.array(
+                np.asarray(examples.fields["offset"], np.int64), pa.int64()
+            )
     if "image" in examples.fields:
         images = np.ascontiguousarray(examples.fields["image"], dtype=np.uint8)
         row_bytes = int(np.prod(images.shape[1:]))
@@ -145,6 +159,9 @@ def _table_to_examples(table: pa.Table, path: Path, first_row: int = 0) -> Examp
             )
         width = int(lengths[0]) if len(lengths) else 0
         fields["tokens"] = lists.flatten().to_numpy().astype(np.int32).reshape(len(ids), width)
+        if "offset" in table.column_names:
+            require_columns(table, path, {"offset": "int64"})
+            fields["offset"] = table.column("offset").to_numpy().astype(np.int64)
     elif "image" in table.column_names:
         require_columns(table, path, {"label": "int64"})
         meta = table.schema.metadata or {}
@@ -446,21 +463,23 @@ class Corpus:
             return {"tokens": (self._token_width(),)}
         return {"image": self.image_shape, "label": ()}
 
-    def _recorded(self, key: str) -> Any:
-        """``extra[key]`` of the corpus manifest (``_grasp/manifest.json``), or None."""
-        manifest = self.folder / MANIFEST_FILE
-        if manifest.is_file():
-            try:
-                return json.loads(manifest.read_text(encoding="utf-8"))["extra"][key]
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
-        return None
+    def manifest_extra(self) -> dict:
+        """The ``extra`` of the corpus manifest (``_grasp/manifest.json``); {} when absent or
+        unreadable (callers then read the data itself)."""
+        try:
+            text = (self.folder / MANIFEST_FILE).read_text(encoding="utf-8")
+            extra = json.loads(text)["extra"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+        return extra if isinstance(extra, dict) else {}
 
     def num_classes(self) -> int:
         """Largest label + 1: from the corpus manifest when it says, else from the label column."""
-        value = self._recorded("num_classes")
-        if value is not None:
-            return int(value)
+        if "num_classes" in (extra := self.manifest_extra()):
+            try:
+                return int(extra["num_classes"])
+            except (ValueError, TypeError):
+                pass
         labels = read_columns(self.folder, ["label"])["label"]
         return int(labels.max()) + 1
 
@@ -478,11 +497,11 @@ class Corpus:
 
     def max_token_id(self, pad_id: int, block_rows: int = 65536) -> int:
         """The largest token id other than ``pad_id`` (-1 if none): the corpus manifest's
-        ``max_token_id`` (an upper bound prepare records) when it is there, else streamed
-        block by block."""
-        recorded = self._recorded("max_token_id")
-        if recorded is not None:
-            return int(recorded)
+        ``max_token_id`` when prepare recorded it (over the corpus and its tasks, so at least
+        the corpus's own largest id) for this ``pad_id``, else streamed block by block."""
+        extra = self.manifest_extra()
+        if "max_token_id" in extra and int(extra.get("pad_id", PAD_ID_OF_BYTES)) == pad_id:
+            return int(extra["max_token_id"])
         largest = -1
         for _, block in self.iter_blocks(0, len(self), block_rows):
             tokens = block.fields["tokens"]

@@ -9,6 +9,7 @@ bad input raises ``InputError`` with the file (and line) at fault.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -19,7 +20,7 @@ import os
 import re
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,13 @@ import pyarrow as pa
 from grasp_cli.artifacts.tables import parquet_file
 from grasp_cli.errors import InputError
 from grasp_cli.prepare.split import UINT64_SPAN, unit_key
-from grasp_cli.prepare.tokens import byte_sequences, sequences_of_chunks
+from grasp_cli.prepare.tokens import TokenSpace, byte_sequences, sequences_of_chunks, token_windows
 from grasp_cli.prepare.units import Source, Unit
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TOKEN_SUFFIXES = (".bin", ".npy")  # flat token arrays (pre-tokenized, see pretokenized.py)
+INPUT_SUFFIXES = TEXT_SUFFIXES + TOKEN_SUFFIXES
+DOMAINS_SIDECAR = ".domains.jsonl"  # FILE.bin.domains.jsonl: one line per document of FILE.bin
 
 # Stdlib packages that make the demo's code domains (each a distinct style of Python).
 DEMO_DOMAINS = [
@@ -94,7 +98,8 @@ def expand_inputs_with_roots(patterns: list[str]) -> list[tuple[Path, Path]]:
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            matches = [p for p in walk_files(path) if p.suffix in TEXT_SUFFIXES]
+            matches = [p for p in walk_files(path) if p.suffix in INPUT_SUFFIXES]
+            matches = [p for p in matches if not is_sidecar(p)]
         elif path.is_file():
             matches = [path]
         else:
@@ -106,13 +111,25 @@ def expand_inputs_with_roots(patterns: list[str]) -> list[tuple[Path, Path]]:
         if not matches:
             raise InputError(f"{pattern}: no input files found")
         for match in matches:
-            if match.suffix not in TEXT_SUFFIXES:
-                raise InputError(f"{match}: unsupported file type (use .txt, .jsonl or .parquet)")
+            if match.suffix not in INPUT_SUFFIXES:
+                raise InputError(
+                    f"{match}: unsupported file type (use .txt, .jsonl, .parquet, .bin or .npy)"
+                )
+            if is_sidecar(match) and not path.is_file():
+                continue  # a glob that also matched a token file's domains sidecar
             real = match.resolve()
             if real not in seen:
                 seen.add(real)
                 files.append((match, path if path.is_dir() else match.parent))
     return files
+
+
+def is_sidecar(path: Path) -> bool:
+    """Whether ``path`` is the domains sidecar of a flat token file beside it (not an input)."""
+    if not path.name.endswith(DOMAINS_SIDECAR):
+        return False
+    owner = path.with_name(path.name[: -len(DOMAINS_SIDECAR)])
+    return owner.suffix in TOKEN_SUFFIXES and owner.is_file()
 
 
 def _read_text(path: Path) -> str:
@@ -241,10 +258,21 @@ def _txt_has_text(path: Path) -> bool:
     return False
 
 
-def text_units(path: Path, seq_len: int, root: Path | None = None) -> Iterator[Unit]:
-    """The units of one text file: each document with its byte-sequence rows. A .txt is
-    streamed in chunks (never held whole); empty documents are read but ``skip``ped. A .txt's
-    id is its path; its key (what the split hashes) is the path relative to ``root``."""
+def text_units(
+    path: Path, seq_len: int, root: Path | None = None, space: TokenSpace | None = None
+) -> Iterator[Unit]:
+    """The units of one text file: each document with its rows (bytes, or ``space``'s ids
+    + EOS). A .txt is streamed in chunks (never held whole); empty documents are read but
+    ``skip``ped. A .txt's id is its path; its key (what the split hashes) is the path relative
+    to ``root``."""
+    if space is not None:
+        if space.tokenizer is None:
+            raise InputError(
+                f"{path}: a text input needs prepare.tokenizer (prepare.eos_id and vocab_size "
+                "describe pre-tokenized inputs only)"
+            )
+        yield from _tokenized_text_units(path, seq_len, root, space)
+        return
     if path.suffix == ".txt":
         domain = path.parent.name or "default"
         key = path.relative_to(root).as_posix() if root is not None else path.name
@@ -279,8 +307,13 @@ def document_unit(document: Document, seq_len: int) -> Unit:
     )
 
 
-def text_sources(patterns: list[str], seq_len: int) -> list[Source]:
-    """One ``Source`` per input file (see ``expand_inputs``)."""
+def text_sources(
+    patterns: list[str], seq_len: int, space: TokenSpace | None = None, token_dtype: str = ""
+) -> list[Source]:
+    """One ``Source`` per input file (see ``expand_inputs``): text files, and with a token
+    ``space`` also pre-tokenized ones (Parquet ``input_ids``, flat .bin/.npy)."""
+    from grasp_cli.prepare.pretokenized import is_pretokenized, pretokenized_units
+
     sources = []
     for path, root in expand_inputs_with_roots(patterns):
         try:
@@ -292,10 +325,87 @@ def text_sources(patterns: list[str], seq_len: int) -> list[Source]:
                 str(path),
                 info.st_size,
                 f"{path.resolve()}:{info.st_size}:{info.st_mtime_ns}",
-                functools.partial(text_units, path, seq_len, root),
+                functools.partial(pretokenized_units, path, seq_len, space, token_dtype)
+                if is_pretokenized(path)
+                else functools.partial(text_units, path, seq_len, root, space),
             )
         )
     return sources
+
+
+# ---------------------------------------------------------------- text through a tokenizer
+
+ENCODE_BATCH = 64  # documents encoded at once (the tokenizers library batches in Rust)
+
+
+def tokenized_units(
+    documents: Iterable[Document], seq_len: int, space: TokenSpace
+) -> Iterator[Unit]:
+    """Units of in-memory documents encoded with ``space``'s tokenizer: ids + EOS, windowed.
+    Documents are encoded ``ENCODE_BATCH`` at a time; a unit's ``digest`` is the sha1 of its
+    ids (int32, EOS included), so text and pre-tokenized copies of a document match."""
+    iterator = iter(documents)
+    while batch := list(itertools.islice(iterator, ENCODE_BATCH)):
+        for document, ids in zip(batch, space.encode([d.text for d in batch]), strict=True):
+            tokens = np.append(ids, np.int32(space.eos_id)).astype(np.int32)
+            yield Unit(
+                document.doc_id,
+                document.domain,
+                document.source,
+                tuple(token_windows([tokens], seq_len, space.pad_id)),
+                digest=hashlib.sha1(tokens.tobytes()).digest(),
+                skip=not document.text.strip(),
+            )
+
+
+def _tokenized_text_units(
+    path: Path, seq_len: int, root: Path | None, space: TokenSpace
+) -> Iterator[Unit]:
+    """``text_units`` through a tokenizer. A .txt is encoded in pieces of about
+    ``TXT_CHUNK_BYTES`` cut after a newline (never held whole; a tokenizer that merges across
+    a newline may give slightly different ids at a cut than on the whole text)."""
+    if path.suffix != ".txt":
+        yield from tokenized_units(read_documents(path), seq_len, space)
+        return
+    domain = path.parent.name or "default"
+    key = path.relative_to(root).as_posix() if root is not None else path.name
+    if not _txt_has_text(path):
+        yield Unit(str(path), domain, str(path), (), skip=True, key=key)
+        return
+    digest = hashlib.sha1()
+    unit = Unit(str(path), domain, str(path), (), key=key)
+
+    def pieces() -> Iterator[np.ndarray]:
+        for text in _txt_text_pieces(path):
+            ids = space.encode([text])[0]
+            digest.update(ids.tobytes())
+            yield ids
+        eos = np.array([space.eos_id], dtype=np.int32)
+        digest.update(eos.tobytes())
+        yield eos
+
+    def blocks() -> Iterator[dict[str, np.ndarray]]:
+        yield from token_windows(pieces(), seq_len, space.pad_id)
+        unit.digest = digest.digest()
+
+    unit.blocks = blocks()
+    yield unit
+
+
+def _txt_text_pieces(path: Path) -> Iterator[str]:
+    """The text of a .txt in pieces of at least ``TXT_CHUNK_BYTES`` characters, each ending
+    after a newline where the text has one."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    buffer = ""
+    for chunk in _txt_chunks(path):
+        buffer += decoder.decode(chunk)
+        if len(buffer) >= TXT_CHUNK_BYTES:
+            cut = buffer.rfind("\n") + 1 or len(buffer)
+            yield buffer[:cut]
+            buffer = buffer[cut:]
+    buffer += decoder.decode(b"", final=True)
+    if buffer:
+        yield buffer
 
 
 def _record_document(record: object, path: Path, where: str, default_id: str) -> Document:
@@ -356,32 +466,52 @@ class Repeats:
     copies: int
     seed: int
 
-    def of(self, document: Document, seq_len: int) -> Iterator[Unit]:
-        yield document_unit(document, seq_len)
-        if unit_key(self.seed, "repeat", document.doc_id) / UINT64_SPAN < self.fraction:
-            for copy in range(1, self.copies + 1):
-                unit = document_unit(document, seq_len)
-                unit.doc, unit.key = f"{document.doc_id}~copy{copy}", document.doc_id
-                yield unit
+    def apply(self, units: Iterable[Unit]) -> Iterator[Unit]:
+        """``units``, each followed by its copies when it is repeated."""
+        for unit in units:
+            yield unit
+            if (
+                self.fraction > 0
+                and unit_key(self.seed, "repeat", unit.doc) / UINT64_SPAN < self.fraction
+            ):
+                blocks = tuple(unit.blocks)  # a copy re-reads the original's rows
+                unit.blocks = blocks
+                for copy in range(1, self.copies + 1):
+                    yield dataclasses.replace(
+                        unit, doc=f"{unit.doc}~copy{copy}", key=unit.name, blocks=blocks
+                    )
 
 
 def demo_sources(
-    domains: list[str] | None, seq_len: int, repeats: Repeats | None = None
+    domains: list[str] | None,
+    seq_len: int,
+    space: TokenSpace | None = None,
+    repeats: Repeats | None = None,
 ) -> list[Source]:
     """The demo corpus as sources: pydoc's topics (one source) and each stdlib module file,
     with ``repeats`` (when given) repeating some documents."""
     return [
-        Source(name, size, stamp, functools.partial(_document_units, read, seq_len, repeats))
+        Source(name, size, stamp, functools.partial(_document_units, read, seq_len, space, repeats))
         for name, size, stamp, read in _demo_pieces(domains)
     ]
 
 
-def _document_units(read, seq_len: int, repeats: Repeats | None = None) -> Iterator[Unit]:
-    for document in read():
-        if repeats is None or repeats.fraction <= 0:
-            yield document_unit(document, seq_len)
-        else:
-            yield from repeats.of(document, seq_len)
+def demo_texts(domains: list[str] | None = None) -> Iterator[str]:
+    """The texts of the demo corpus's documents, in order (e.g. to train a tokenizer on)."""
+    for *_, read in _demo_pieces(domains):
+        for document in read():
+            yield document.text
+
+
+def _document_units(
+    read, seq_len: int, space: TokenSpace | None = None, repeats: Repeats | None = None
+) -> Iterator[Unit]:
+    units = (
+        tokenized_units(read(), seq_len, space)
+        if space is not None
+        else (document_unit(document, seq_len) for document in read())
+    )
+    yield from (repeats.apply(units) if repeats is not None else units)
 
 
 def _demo_pieces(domains: list[str] | None) -> list[tuple]:

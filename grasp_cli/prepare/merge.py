@@ -42,6 +42,7 @@ from grasp_cli.prepare.stream import (
     Plan,
     _concat_examples,
     _RowSink,
+    max_token,
 )
 from grasp_cli.prepare.units import Source
 
@@ -82,7 +83,7 @@ def merge(plan: Plan, count: int, stats: list[dict], corpus_tmp: Path, tasks_tmp
         drop={m.doc for m in moves if m.to_task},
         extra=_concat_moves(to_corpus),
     )
-    rows, domains, max_label = _build_corpus(
+    rows, domains, max_label, largest = _build_corpus(
         plan, stats, corpus_rows, corpus_tmp, unit_limit, moves
     )
     if rows == 0:
@@ -109,9 +110,10 @@ def merge(plan: Plan, count: int, stats: list[dict], corpus_tmp: Path, tasks_tmp
     task_max_label: dict[str, int] = {}
     for name in sorted(sources):
         limit = unit_limit if name in plan.holdout else {}
-        task_rows[name], task_max_label[name] = _write_task(
+        task_rows[name], task_max_label[name], task_largest = _write_task(
             plan, sources[name], tasks_tmp / f"{name}.parquet", limit
         )
+        largest = max(largest, task_largest)
         if task_rows[name] == 0:
             raise InputError(
                 f"prepare: task {name!r} has no sequences (its documents are too short)"
@@ -128,6 +130,8 @@ def merge(plan: Plan, count: int, stats: list[dict], corpus_tmp: Path, tasks_tmp
         extra["num_classes"] = num_classes
     if plan.kind == "tokens":
         _warn_leakage(plan, shard_dirs, task_digests)
+        # over corpus and tasks: exact whichever way a holdout move went (see _link_corpus)
+        extra["max_token_id"] = largest
     if moves:
         extra["holdout_moved"] = {m.doc: ("task" if m.to_task else "corpus") for m in moves}
     return Merged(rows, domains, task_rows, extra)
@@ -361,22 +365,26 @@ def _blocks(rows: _Rows, unit_limit: dict, row_limit: dict, by_domain: bool) -> 
 
 def _build_corpus(
     plan: Plan, stats: list[dict], rows: _Rows, corpus_tmp: Path, unit_limit: dict, moves
-) -> tuple[int, dict[str, int], int]:
-    """The corpus folder at ``corpus_tmp``; returns (rows, rows per domain, largest label)."""
+) -> tuple[int, dict[str, int], int, int]:
+    """The corpus folder at ``corpus_tmp``; returns (rows, rows per domain, largest label,
+    largest non-pad token id: that of the corpus, or of corpus and tasks together after a
+    holdout move to a task)."""
     corpus_tmp.mkdir(parents=True, exist_ok=True)
     if not rows.keyed:  # no cap: every part is kept as written (hard links), but for the few
         return _link_corpus(plan, stats, rows, corpus_tmp, moves)  # a holdout move touched
     row_limit = _row_limits(rows, unit_limit, plan.row_cap, by_domain=True)
     writer = PartWriter(corpus_tmp, plan.shard_rows, plan.row_group_rows)
     domains: dict[str, int] = {}
-    max_label = -1
+    max_label = largest = -1
     for block in _blocks(rows, unit_limit, row_limit, by_domain=True):
         writer.write(block)
         _count(domains, block)
         if "label" in block.fields:
             max_label = max(max_label, int(block.fields["label"].max()))
+        if "tokens" in block.fields:
+            largest = max(largest, max_token(block, plan.pad_id))
     writer.close()
-    return writer.rows_written, dict(sorted(domains.items())), max_label
+    return writer.rows_written, dict(sorted(domains.items())), max_label, largest
 
 
 def _count(domains: dict[str, int], block: Examples) -> None:
@@ -387,13 +395,16 @@ def _count(domains: dict[str, int], block: Examples) -> None:
 
 def _link_corpus(
     plan: Plan, stats: list[dict], rows: _Rows, corpus_tmp: Path, moves: list[_Move]
-) -> tuple[int, dict[str, int], int]:
-    """Hard-link each part in order; a part that a moved unit leaves or joins is rewritten."""
+) -> tuple[int, dict[str, int], int, int]:
+    """Hard-link each part in order; a part that a moved unit leaves or joins is rewritten.
+    The largest token id is over the rows the shards wrote plus those moved in: the corpus's,
+    or larger only by rows that moved to a task (so exact over corpus and tasks)."""
     domains: dict[str, int] = {}
     for shard in stats:
         for domain, count in shard["corpus_rows"].items():
             domains[domain] = domains.get(domain, 0) + count
     max_label = max([shard.get("max_label", -1) for shard in stats] + [-1])
+    largest = max([shard.get("max_token", -1) for shard in stats] + [-1])
     ranges = [_id_range(path) for path in rows.parts] if moves else []
     touched: dict[int, list] = {}
     for move in moves:
@@ -409,6 +420,8 @@ def _link_corpus(
             domains[move.domain] = domains.get(move.domain, 0) + len(move.rows)
             if "label" in move.rows.fields:
                 max_label = max(max_label, int(move.rows.fields["label"].max()))
+            if "tokens" in move.rows.fields:
+                largest = max(largest, max_token(move.rows, plan.pad_id))
     number = 0
     for index, path in enumerate(rows.parts):
         target = corpus_tmp / f"part-{number:05d}.parquet"
@@ -426,7 +439,8 @@ def _link_corpus(
             writer.write(merged)
             writer.close()
             number += 1
-    return sum(domains.values()), dict(sorted((k, v) for k, v in domains.items() if v)), max_label
+    kept = dict(sorted((k, v) for k, v in domains.items() if v))
+    return sum(domains.values()), kept, max_label, largest
 
 
 def _id_range(path: Path) -> tuple[int, int]:
@@ -483,22 +497,25 @@ def _spill_task_files(
     return sink.close(), digests
 
 
-def _write_task(plan: Plan, rows: _Rows, path: Path, unit_limit: dict) -> tuple[int, int]:
-    """One task file: unit cap, then ``max_task_seqs`` over the task; ids 0..n-1."""
+def _write_task(plan: Plan, rows: _Rows, path: Path, unit_limit: dict) -> tuple[int, int, int]:
+    """One task file: unit cap, then ``max_task_seqs`` over the task; ids 0..n-1. Returns
+    (rows, largest label, largest non-pad token id)."""
     row_limit = _row_limits(rows, unit_limit, plan.task_cap, by_domain=False)
     writer = PartWriter(path.parent / f".{path.stem}.parts", 1 << 62, plan.row_group_rows)
-    count, max_label = 0, -1
+    count, max_label, largest = 0, -1, -1
     for block in _blocks(rows, unit_limit, row_limit, by_domain=False):
         block.ids = count + np.arange(len(block), dtype=np.int64)
         count += len(block)
         writer.write(block)
         if "label" in block.fields:
             max_label = max(max_label, int(block.fields["label"].max()))
+        if "tokens" in block.fields:
+            largest = max(largest, max_token(block, plan.pad_id))
     written = writer.close()
     if written:
         os.replace(written[0], path)
     shutil.rmtree(writer.folder, ignore_errors=True)
-    return count, max_label
+    return count, max_label, largest
 
 
 # ---------------------------------------------------------------- checks over the whole input

@@ -64,6 +64,7 @@ from grasp_cli.prepare.stream import (
     shards_done,
     sweep_old_staging,
 )
+from grasp_cli.prepare.tokens import token_space
 from grasp_cli.prepare.units import Source
 
 PLAN_SCHEMA = 1
@@ -136,9 +137,14 @@ def build_plan(config: GraspConfig, layout: RunLayout) -> Plan:
     images = section.demo_images or (not section.demo and inputs_are_images(section.inputs))
     if images:
         return _image_plan(config, layout, seed)
+    space = token_space(section)
     if section.demo:
+        if space is not None and space.tokenizer is None:
+            raise ConfigError(
+                "prepare.demo is text: it needs prepare.tokenizer, not prepare.eos_id/vocab_size"
+            )
         repeats = Repeats(section.demo_repeat_fraction, section.demo_repeat_copies, seed)
-        sources = demo_sources(section.demo_domains or None, section.seq_len, repeats)
+        sources = demo_sources(section.demo_domains or None, section.seq_len, space, repeats)
         holdout = section.holdout_domains or ([] if section.tasks else default_demo_holdout())
         patterns: list[str] = []
     else:
@@ -148,13 +154,14 @@ def build_plan(config: GraspConfig, layout: RunLayout) -> Plan:
             expand_inputs(section.inputs),
             {name: expand_inputs([pattern]) for name, pattern in section.tasks.items()},
         )
-        sources = text_sources(section.inputs, section.seq_len)
+        sources = text_sources(section.inputs, section.seq_len, space, section.token_dtype)
         holdout, patterns = section.holdout_domains, list(section.inputs)
     tasks = {
-        name: text_sources([pattern], section.seq_len)
+        name: text_sources([pattern], section.seq_len, space, section.token_dtype)
         for name, pattern in sorted(section.tasks.items())
     }
-    return _plan(config, layout, "tokens", sources, tasks, holdout, seed, patterns, {})
+    extra = space.manifest() if space is not None else {}
+    return _plan(config, layout, "tokens", sources, tasks, holdout, seed, patterns, extra)
 
 
 def _plan(
@@ -182,6 +189,7 @@ def _plan(
             "holdout": holdout,
             "sources": [s.stamp for s in sources],
             "tasks": {name: [s.stamp for s in group] for name, group in tasks.items()},
+            "token_space": extra,  # the tokenizer's digest: a changed tokenizer.json re-prepares
         }
     )
     return Plan(
@@ -341,14 +349,10 @@ def commit_prepared(
     corpus_extra = {
         "rows": merged.corpus_rows,
         "kind": "tokens" if plan.kind == "tokens" else "image",
-        # byte tokens: ids 0-255, pad 256 (models.transformer); max_token_id bounds the ids
+        # byte tokens by default: ids 0-255, pad 256 (models.transformer); a tokenizer's
+        # pad_id / vocab_size / eos_id (merged.extra) replace them
         **(
-            {
-                "seq_len": config.prepare.seq_len,
-                "pad_id": 256,
-                "vocab_size": 257,
-                "max_token_id": 255,
-            }
+            {"seq_len": config.prepare.seq_len, "pad_id": 256, "vocab_size": 257}
             if plan.kind == "tokens"
             else {}
         ),

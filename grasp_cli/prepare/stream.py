@@ -56,6 +56,7 @@ KEY_COLUMNS = ("_unit_key", "_unit_no", "_row_key")
 DONE = "done.json"
 LEDGER_DTYPE = np.dtype([("id", "<u8"), ("text", "<u8"), ("unit", "<i8"), ("role", "<i4")])
 LEDGER_RUN_ROWS = 1 << 18
+BYTE_PAD_ID = 256  # grasp's byte corpus pad (models.transformer.PAD_ID)
 CORPUS_ROLE, SKIPPED_ROLE = -1, -2  # ledger roles; >= 0 is the index of a held-out domain
 
 
@@ -82,6 +83,11 @@ class Plan:
     noun: Noun = DOCUMENTS
     patterns: list[str] = field(default_factory=list)
     manifest_extra: dict = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        """The id that fills short token rows (the token space's, else the byte pad 256)."""
+        return int(self.manifest_extra.get("pad_id", BYTE_PAD_ID))
 
     @property
     def keyed_corpus(self) -> bool:
@@ -145,6 +151,8 @@ class _RowSink:
         self.sample = BottomK(cap) if cap > 0 else None
         self.rows: dict[str, int] = {}
         self.max_label = -1
+        self.pad_id = plan.pad_id
+        self.max_token = -1  # the largest non-pad token id written
 
     def add(self, rows: Examples, keys: dict[str, np.ndarray]) -> None:
         if not len(rows):
@@ -163,6 +171,8 @@ class _RowSink:
             self.rows[domain] = self.rows.get(domain, 0) + len(members)
         if "label" in rows.fields and len(rows):
             self.max_label = max(self.max_label, int(rows.fields["label"].max()))
+        if "tokens" in rows.fields:
+            self.max_token = max(self.max_token, max_token(rows, self.pad_id))
 
     def close(self) -> list[Path]:
         if self.sample is not None:
@@ -175,6 +185,13 @@ class _RowSink:
                     chunk = order[start : start + self.writer.row_group_rows]
                     self._write(rows.take(chunk), {n: v[chunk] for n, v in keys.items()})
         return self.writer.close()
+
+
+def max_token(rows: Examples, pad_id: int) -> int:
+    """The largest token id of ``rows`` other than ``pad_id`` (-1 if none)."""
+    tokens = rows.fields["tokens"]
+    real = tokens[tokens != pad_id]
+    return int(real.max()) if real.size else -1
 
 
 def _by_domain(domains: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
@@ -435,6 +452,7 @@ def _stream(plan: Plan, shard: ShardSpec, folder: Path, progress: bool) -> dict:
     stats["corpus_parts"] = [p.name for p in corpus.close()]
     stats["corpus_rows"] = corpus.rows
     stats["max_label"] = corpus.max_label
+    stats["max_token"] = corpus.max_token
     for sink in held.values():
         sink.close()
     ledger.flush()
