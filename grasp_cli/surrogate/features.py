@@ -43,6 +43,9 @@ class CorpusMoments:
     total: np.ndarray
     gram: np.ndarray
     kernel: np.ndarray | None = None
+    # derived matrices (a geometry's G on a prefix), made once per moments: every candidate
+    # and fold of the LCB protocol asks for the same few
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def kernel_gram(self) -> np.ndarray:

@@ -43,6 +43,15 @@ def geometry_matrix(name: str, k_prime: int, moments: CorpusMoments | None = Non
         raise ValueError(f"geometry {name!r} needs the corpus moments of the sketches")
     if k_prime > moments.k:
         raise ValueError(f"sketch prefix k'={k_prime} exceeds the sketch dimension k={moments.k}")
+    key = ("geometry", name, k_prime)
+    if key not in moments.derived:
+        metric = _metric(name, k_prime, moments)
+        metric.flags.writeable = False  # shared between models: never modified in place
+        moments.derived[key] = metric
+    return moments.derived[key]
+
+
+def _metric(name: str, k_prime: int, moments: CorpusMoments) -> np.ndarray:
     second = moments.second_moment[:k_prime, :k_prime]
     scale = float(np.trace(second)) / k_prime
     if not np.isfinite(scale) or scale <= 0:
