@@ -747,3 +747,23 @@ def test_the_quadratic_term_must_beat_its_nested_twin(ratio, quadratic):
     assert chosen["quadratic"] is quadratic
     rows = [r for r in result.lcb_rows if r["method"] == "grasp" and r["quadratic"]]
     assert all((r["twin_gain"] > 0) == r["eligible"] for r in rows)
+
+
+def test_folds_validate_only_eligible_subsets_and_train_on_the_rest():
+    from grasp_cli.surrogate.lcb import repeated_kfold
+
+    eligible = np.ones(23, dtype=bool)
+    eligible[[3, 7, 20, 21, 22]] = False  # e.g. the closed loop's subsets
+    splits = repeated_kfold(23, 5, 2, seed=4, eligible=eligible)
+    assert len(splits) == 10
+    for repeat in (splits[:5], splits[5:]):
+        validated = np.concatenate([val for _, val in repeat])
+        assert sorted(validated.tolist()) == np.flatnonzero(eligible).tolist()  # each once
+    for train, val in splits:
+        assert eligible[val].all() and set(np.flatnonzero(~eligible)) <= set(train.tolist())
+        assert sorted([*train.tolist(), *val.tolist()]) == list(range(23))
+    plain = repeated_kfold(23, 5, 2, seed=4)
+    every = repeated_kfold(23, 5, 2, seed=4, eligible=np.ones(23, dtype=bool))
+    for (a, b), (c, d) in zip(plain, every, strict=True):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)

@@ -114,16 +114,26 @@ def effective_folds(n_items: int, folds: int) -> int:
 
 
 def repeated_kfold(
-    n_items: int, folds: int, repeats: int, seed: int
+    n_items: int, folds: int, repeats: int, seed: int, eligible: np.ndarray | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(train, validation)`` position arrays for ``repeats`` seeded shuffles of K-fold."""
-    k = effective_folds(n_items, folds)
+    """``(train, validation)`` position arrays for ``repeats`` seeded shuffles of K-fold.
+
+    ``eligible`` (bool ``[n_items]``, default all): the items that may be validation items.
+    The others are always trained on — subsets chosen adaptively (the closed loop's, near an
+    earlier selection) are not draws from the subset design the validation score estimates,
+    so they inform every fit but never score one. All eligible gives exactly the plain splits.
+    """
+    pool = np.arange(n_items) if eligible is None else np.flatnonzero(eligible)
+    if len(pool) == 0:
+        raise ValueError("no subsets may be validation subsets")
+    k = effective_folds(len(pool), folds)
     rng = np.random.default_rng(seed)
     splits = []
+    everything = np.arange(n_items)
     for _ in range(max(int(repeats), 1)):
-        order = rng.permutation(n_items)
+        order = pool[rng.permutation(len(pool))]
         for val in np.array_split(order, k):
-            train = np.setdiff1d(order, val, assume_unique=True)
+            train = np.setdiff1d(everything, val, assume_unique=True)
             splits.append((np.sort(train), np.sort(val)))
     return splits
 

@@ -449,14 +449,16 @@ def fit_method(
     repeats: int,
     delta: float,
     seed: int,
+    eligible: np.ndarray | None = None,
 ) -> MethodFit:
     """LCB protocol for one method on fit subsets only; refit the winner on all of them.
+    ``eligible``: the fit subsets that may be validation subsets (``lcb.repeated_kfold``).
 
     The winner is the highest LCB among candidates that pass the nested-twin test
     (``lcb.choose_nested``): a quadratic GRASP candidate must beat its own ``b = 0`` twin.
     """
     values = check_utilities(utilities_fit, len(features_fit), "fit utilities")
-    splits = repeated_kfold(len(features_fit), folds, repeats, seed)
+    splits = repeated_kfold(len(features_fit), folds, repeats, seed, eligible)
     scores = score_candidates(spec.build, spec.grid, features_fit, values, splits, delta)
     chosen = choose_nested(scores, spec.complexity, delta)
     model = spec.build(scores[chosen].candidate)
@@ -474,6 +476,7 @@ def fit_methods(
     delta: float,
     seed: int,
     skipped: dict[str, str] | None = None,
+    eligible: np.ndarray | None = None,
 ) -> dict[str, MethodFit]:
     """``fit_method`` for each spec with the same folds (paired comparisons).
 
@@ -491,6 +494,7 @@ def fit_methods(
                 repeats=repeats,
                 delta=delta,
                 seed=seed,
+                eligible=eligible,
             )
         except (ValueError, np.linalg.LinAlgError) as exc:
             if spec.name == "grasp" or skipped is None:
@@ -577,8 +581,10 @@ def cost_curve(
     n_boot: int,
     boot_seed: int | None = None,
     include_all: bool = True,
+    eligible: np.ndarray | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rerun the whole protocol on the first ``n`` fit subsets for each ``n`` in ``counts``.
+    """Rerun the whole protocol on the first ``n`` fit subsets for each ``n`` in ``counts``
+    (``eligible``: which fit subsets may be validation subsets; see ``fit_method``).
 
     Counts at or above the number of fit subsets, or below the cross-validation minimum,
     are skipped; all fit subsets are included when ``include_all``. ``seed`` drives the
@@ -601,6 +607,7 @@ def cost_curve(
             repeats=repeats,
             delta=delta,
             seed=seed,
+            eligible=None if eligible is None else np.asarray(eligible)[:n],
         )
         lcb_rows.extend(fit.lcb_rows())
         eval_rows.extend(
@@ -701,6 +708,7 @@ def run_protocol(
     moments: CorpusMoments | None = None,
     baselines: bool = True,
     on_step: Callable[[int, int, str], None] | None = None,
+    cv_eligible: np.ndarray | None = None,
 ) -> ProtocolResult:
     """The whole ``fit-surrogate`` computation.
 
@@ -713,7 +721,10 @@ def run_protocol(
     targets, and ``moments``); GRASP's grid uses those named in ``settings.feature_grid``.
     ``seed`` drives the folds; the bootstrap uses a seed derived from it. ``on_step(done,
     total, what)`` is told after each step (the fits, the evaluation, each cost curve), for
-    progress.
+    progress. ``cv_eligible`` (bool per fit subset): the fit subsets cross-validation may
+    hold out (default all); adaptively chosen fit subsets (the closed loop's) are trained on
+    in every fold but never validate one, so the LCB keeps estimating fidelity on the
+    subset design.
     """
     settings = ProtocolSettings.of(settings)
     if sets is None:
@@ -732,6 +743,7 @@ def run_protocol(
         "repeats": settings.repeats,
         "delta": settings.delta,
         "seed": fold_seed,
+        "eligible": cv_eligible,
     }
     grasp_sets = [fs for fs in sets if fs.name in settings.feature_grid or fs.name == "sketch"]
     if "sketch" not in settings.feature_grid and len(grasp_sets) > 1:

@@ -208,11 +208,15 @@ def fit_surrogate(
     sets = [FeatureSet("sketch", -inputs.residuals, inputs.moments)]
     if inputs.trak is not None:
         sets.append(inputs.trak)
+    # the closed loop's subsets (near a selection, chosen after an earlier fit) are fit data
+    # in every fold, never validation data: the LCB estimates fidelity on the design
+    adaptive = np.char.startswith(inputs.designs[fit_rows].astype(str), "loop-")
     result = run_protocol(
         features.take(fit_rows),
         measured[fit_rows],
         features.take(eval_rows),
         measured[eval_rows],
+        cv_eligible=~adaptive if adaptive.any() else None,
         sets=sets,
         settings=settings,
         seed=fold_seed,
