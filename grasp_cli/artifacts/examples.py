@@ -28,7 +28,13 @@ import torch
 
 from grasp_cli.artifacts.atomic import _tmp_name, atomic_dir, creation_lock, sweep_debris
 from grasp_cli.artifacts.layout import SCRATCH
-from grasp_cli.artifacts.tables import parquet_file, read_table, require_columns, write_table
+from grasp_cli.artifacts.tables import (
+    parquet_file,
+    read_table,
+    require_columns,
+    unreadable_parquet,
+    write_table,
+)
 from grasp_cli.errors import InputError
 
 IMAGE_SHAPE_KEY = b"grasp.image_shape"
@@ -564,10 +570,7 @@ def _metadata(path: Path) -> pq.FileMetaData:
     try:
         return pq.read_metadata(path)
     except (pa.ArrowException, OSError) as exc:
-        text = str(exc).strip().splitlines()
-        raise InputError(
-            f"{path}: not a readable Parquet file ({text[0] if text else type(exc).__name__})"
-        ) from None
+        raise unreadable_parquet(path, exc) from None
 
 
 def _checked_schema(metadata: pq.FileMetaData, path: Path) -> tuple[str, tuple[int, ...]]:

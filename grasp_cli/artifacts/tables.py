@@ -25,17 +25,22 @@ def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
     try:
         table = pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
+        raise unreadable_parquet(path, exc) from None
     except KeyError as exc:  # a requested column is absent
         raise InputError(f"{path}: missing column {exc}") from None
     return table
+
+
+def unreadable_parquet(path: Path, exc: BaseException) -> InputError:
+    """The one-line error for a Parquet file Arrow cannot read (raise it ``from None``)."""
+    return InputError(f"{path}: not a readable Parquet file ({first_line(exc)})")
 
 
 def parquet_file(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
+        raise unreadable_parquet(path, exc) from None
 
 
 def require_columns(table: pa.Table, path: Path, expected: dict[str, str]) -> None:

@@ -27,10 +27,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from grasp_cli.artifacts.tables import parquet_file
+from grasp_cli.artifacts.tables import parquet_file, unreadable_parquet
 from grasp_cli.errors import InputError
 from grasp_cli.prepare.split import UINT64_SPAN, unit_key
-from grasp_cli.prepare.tokens import TokenSpace, byte_sequences, sequences_of_chunks, token_windows
+from grasp_cli.prepare.tokens import (
+    TokenSpace,
+    byte_sequences,
+    sequences_of_chunks,
+    streamed_unit,
+    token_windows,
+)
 from grasp_cli.prepare.units import Source, Unit
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -202,10 +208,7 @@ def _parquet_records(path: Path) -> Iterator[tuple[object, str, str]]:
                 yield record, f"{path}:row {row}", f"{path.stem}-{row}"
                 row += 1
     except (pa.ArrowException, OSError) as exc:
-        first = str(exc).strip().splitlines()
-        raise InputError(
-            f"{path}: not a readable Parquet file ({first[0] if first else type(exc).__name__})"
-        ) from None
+        raise unreadable_parquet(path, exc) from None
 
 
 def read_documents(path: Path) -> Iterator[Document]:
@@ -372,24 +375,13 @@ def _tokenized_text_units(
     if not _txt_has_text(path):
         yield Unit(str(path), domain, str(path), (), skip=True, key=key)
         return
-    digest = hashlib.sha1()
-    unit = Unit(str(path), domain, str(path), (), key=key)
 
     def pieces() -> Iterator[np.ndarray]:
         for text in _txt_text_pieces(path):
-            ids = space.encode([text])[0]
-            digest.update(ids.tobytes())
-            yield ids
-        eos = np.array([space.eos_id], dtype=np.int32)
-        digest.update(eos.tobytes())
-        yield eos
+            yield space.encode([text])[0]
+        yield np.array([space.eos_id], dtype=np.int32)
 
-    def blocks() -> Iterator[dict[str, np.ndarray]]:
-        yield from token_windows(pieces(), seq_len, space.pad_id)
-        unit.digest = digest.digest()
-
-    unit.blocks = blocks()
-    yield unit
+    yield streamed_unit(str(path), domain, str(path), pieces(), seq_len, space.pad_id, key=key)
 
 
 def _txt_text_pieces(path: Path) -> Iterator[str]:
@@ -469,17 +461,17 @@ class Repeats:
     def apply(self, units: Iterable[Unit]) -> Iterator[Unit]:
         """``units``, each followed by its copies when it is repeated."""
         for unit in units:
+            repeated = unit_key(self.seed, "repeat", unit.doc) / UINT64_SPAN < self.fraction
+            if not repeated:
+                yield unit
+                continue
+            blocks = tuple(unit.blocks)  # read once (a generator is one-shot), shared by copies
+            unit.blocks = blocks
             yield unit
-            if (
-                self.fraction > 0
-                and unit_key(self.seed, "repeat", unit.doc) / UINT64_SPAN < self.fraction
-            ):
-                blocks = tuple(unit.blocks)  # a copy re-reads the original's rows
-                unit.blocks = blocks
-                for copy in range(1, self.copies + 1):
-                    yield dataclasses.replace(
-                        unit, doc=f"{unit.doc}~copy{copy}", key=unit.name, blocks=blocks
-                    )
+            for copy in range(1, self.copies + 1):
+                yield dataclasses.replace(
+                    unit, doc=f"{unit.doc}~copy{copy}", key=unit.name, blocks=blocks
+                )
 
 
 def demo_sources(

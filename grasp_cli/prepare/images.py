@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from grasp_cli.artifacts.examples import IMAGE_SHAPE_KEY, Examples
-from grasp_cli.artifacts.tables import parquet_file
+from grasp_cli.artifacts.tables import parquet_file, unreadable_parquet
 from grasp_cli.errors import InputError, first_line
 from grasp_cli.prepare.documents import walk_files
 from grasp_cli.prepare.units import Source, Unit
@@ -376,10 +376,7 @@ def iter_image_parquet(path: Path, header_only: bool = False) -> Iterator[ImageR
                 yield _parquet_record(path, row, blob, label, domain, raw_shape, header_only)
                 row += 1
     except (pa.ArrowException, OSError) as exc:
-        first = str(exc).strip().splitlines()
-        raise InputError(
-            f"{path}: not a readable Parquet file ({first[0] if first else type(exc).__name__})"
-        ) from None
+        raise unreadable_parquet(path, exc) from None
 
 
 def _parquet_record(

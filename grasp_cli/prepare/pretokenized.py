@@ -17,7 +17,6 @@ naming the file (and row or token position).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from grasp_cli.artifacts.tables import parquet_file
+from grasp_cli.artifacts.tables import parquet_file, unreadable_parquet
 from grasp_cli.errors import InputError
 from grasp_cli.prepare.documents import (
     DOMAINS_SIDECAR,
@@ -33,7 +32,7 @@ from grasp_cli.prepare.documents import (
     TOKEN_SUFFIXES,
     document_id,
 )
-from grasp_cli.prepare.tokens import TokenSpace, token_windows
+from grasp_cli.prepare.tokens import TokenSpace, streamed_unit
 from grasp_cli.prepare.units import Unit
 
 TOKEN_COLUMNS = ("input_ids", "tokens")
@@ -63,28 +62,6 @@ def pretokenized_units(
         yield from _parquet_units(path, seq_len, space)
     else:
         yield from _flat_units(path, seq_len, space, token_dtype)
-
-
-def _unit(
-    doc: str, domain: str, where: str, pieces: Iterator[np.ndarray], seq_len: int, space
-) -> Unit:
-    """A document streamed from its id ``pieces`` (EOS included): rows, and the sha1 of its
-    ids (int32) once its rows are consumed, as a text document's through the tokenizer."""
-    digest = hashlib.sha1()
-    unit = Unit(doc, domain, where, ())
-
-    def hashed() -> Iterator[np.ndarray]:
-        for piece in pieces:
-            piece = np.asarray(piece, dtype=np.int32)
-            digest.update(piece.tobytes())
-            yield piece
-
-    def blocks() -> Iterator[dict[str, np.ndarray]]:
-        yield from token_windows(hashed(), seq_len, space.pad_id)
-        unit.digest = digest.digest()
-
-    unit.blocks = blocks()
-    return unit
 
 
 # ---------------------------------------------------------------- Parquet input_ids
@@ -124,13 +101,10 @@ def _parquet_units(path: Path, seq_len: int, space: TokenSpace) -> Iterator[Unit
                     pieces = [tokens]
                     if int(tokens[-1]) != space.eos_id:
                         pieces.append(np.array([space.eos_id], dtype=np.int32))
-                    yield _unit(doc, domain, where, iter(pieces), seq_len, space)
+                    yield streamed_unit(doc, domain, where, iter(pieces), seq_len, space.pad_id)
                 row += 1
     except (pa.ArrowException, OSError) as exc:
-        first = str(exc).strip().splitlines()
-        raise InputError(
-            f"{path}: not a readable Parquet file ({first[0] if first else type(exc).__name__})"
-        ) from None
+        raise unreadable_parquet(path, exc) from None
 
 
 # ---------------------------------------------------------------- flat .bin / .npy
@@ -231,7 +205,7 @@ def _flat_units(path: Path, seq_len: int, space: TokenSpace, token_dtype: str) -
             if not ends:
                 yield np.array([space.eos_id], dtype=np.int32)
 
-        yield _unit(doc, domain, where, pieces(), seq_len, space)
+        yield streamed_unit(doc, domain, where, pieces(), seq_len, space.pad_id)
     if described is not None and next(described, None) is not None:
         raise InputError(
             f"{path.name}{DOMAINS_SIDECAR}: more lines than {path}'s {count} documents"

@@ -28,6 +28,7 @@ import numpy as np
 
 from grasp_cli.errors import ConfigError, InputError
 from grasp_cli.models.transformer import PAD_ID
+from grasp_cli.prepare.units import Unit
 
 MIN_TAIL_TOKENS = 16  # a document's last piece is kept (padded) only if it has this many tokens
 CHUNK_ROWS = 4096  # rows per piece when a long text is tokenized in pieces
@@ -252,3 +253,32 @@ def _check_pad(pad: int, eos: int) -> None:
             f"prepare.pad_id = {pad} is the end-of-document id: padding is never a target, "
             "EOS is; choose another (or -1: the first id past the vocabulary)"
         )
+
+
+def streamed_unit(
+    doc: str,
+    domain: str,
+    where: str,
+    pieces: Iterator[np.ndarray],
+    seq_len: int,
+    pad_id: int,
+    key: str = "",
+) -> Unit:
+    """A document streamed from its id ``pieces`` (EOS included): rows of ``token_windows``,
+    and the sha1 of its ids (int32) once its rows are consumed — the same digest whether the
+    ids came from a tokenizer or a pre-tokenized file, so copies of a document match."""
+    digest = hashlib.sha1()
+    unit = Unit(doc, domain, where, (), key=key)
+
+    def hashed() -> Iterator[np.ndarray]:
+        for piece in pieces:
+            piece = np.asarray(piece, dtype=np.int32)
+            digest.update(piece.tobytes())
+            yield piece
+
+    def blocks() -> Iterator[dict[str, np.ndarray]]:
+        yield from token_windows(hashed(), seq_len, pad_id)
+        unit.digest = digest.digest()
+
+    unit.blocks = blocks()
+    return unit
