@@ -259,3 +259,10 @@ def test_help_and_status_never_import_torch(tmp_path):
             [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
         )
         assert done.stderr.strip().endswith("NO-TORCH"), (args, done.stderr[-400:])
+    storage = (  # the storage layer: a data tool can read a run without torch
+        "import sys, grasp_cli.artifacts.examples, grasp_cli.artifacts.sketches, "
+        "grasp_cli.artifacts.subsets, grasp_cli.artifacts.results, grasp_cli.artifacts.manifest\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", storage], capture_output=True, text=True)
+    assert done.stdout.strip() == "NO-TORCH", done.stderr[-400:]

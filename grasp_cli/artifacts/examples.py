@@ -20,11 +20,11 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from grasp_cli.artifacts.atomic import _tmp_name, atomic_dir, creation_lock, sweep_debris
 from grasp_cli.artifacts.layout import SCRATCH
@@ -36,6 +36,9 @@ from grasp_cli.artifacts.tables import (
     write_table,
 )
 from grasp_cli.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SHAPE_KEY = b"grasp.image_shape"
 MANIFEST_FILE = "_grasp/manifest.json"  # artifacts.manifest.MANIFEST_NAME (not imported: config)
@@ -63,6 +66,8 @@ class Examples:
 
     def to_torch(self) -> dict[str, torch.Tensor]:
         """Tensors for training: tokens/labels as int64, images kept as uint8."""
+        import torch  # only training needs it: the storage layer itself never imports torch
+
         out = {}
         for name, values in self.fields.items():
             if name in METADATA_FIELDS:
@@ -664,6 +669,8 @@ class TorchRows:
         self.shape = store.shape
 
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        import torch
+
         rows = self.store.take(np.asarray(index.cpu().numpy() if torch.is_tensor(index) else index))
         tensor = torch.from_numpy(np.ascontiguousarray(rows))
         return tensor if self.name == "image" else tensor.long()
