@@ -20,7 +20,7 @@ LOOP_ROUNDS ?= 2
 BIN   := $(VENV)/bin
 GRASP := $(BIN)/grasp
 
-.PHONY: demo hf-demo vision pipeline test test-all lint bench repro clean install install-test
+.PHONY: demo hf-demo vision pipeline test test-all lint bench bench-fidelity repro clean install install-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,11 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench_retrain.py --json bench-retrain.json
 	$(BIN)/python scripts/bench_select.py --json bench-select.json
 	$(BIN)/python scripts/bench_scale.py --json bench-scale.json
+
+# Fidelity on a bigger subset design (~1 hour on 2 cores; resumable): every method, and GRASP
+# fitted on n subsets against datamodels fitted on 10n.
+bench-fidelity: $(VENV)/.installed
+	$(BIN)/python scripts/bench_fidelity.py --json bench-fidelity.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
