@@ -132,3 +132,28 @@ def test_repeated_slots_of_every_selection_match_a_count_over_its_rows(run):
     for name, ids in members.items():
         slots = len(ids) - len({content[i] for i in ids})
         assert repeats[name] == {"rows": len(ids), "slots": slots, "share": slots / len(ids)}
+
+
+def test_a_grasp_on_trak_features_scores_and_selects(run, tmp_path):
+    """When the LCB gives GRASP TRAK's features (as on the vision demo), score and select work
+    on those features: the subsets' predicted utilities equal fit-surrogate's predictions."""
+    from tests.conftest import copy_run
+
+    names = ("corpus", "tasks", "reference", "sketches.zarr", "subsets.zarr", "retrain")
+    other = copy_run(run, tmp_path / "other", names)
+    only_trak = [*SETS, "--set", 'surrogate.feature_grid=["trak"]', "--set", "loop.subsets=2"]
+    for stage in (["fit-surrogate"], ["score"], ["select"]):
+        ok(*stage, "-c", TINY, "--run", other, *only_trak)
+    params = json.loads((other / "surrogate" / "params.json").read_text())
+    assert params["grasp"]["features"] == "trak"
+    predicted = {
+        (r["subset_id"], r["task"]): r["predicted_utility"]
+        for r in pq.read_table(other / "surrogate" / "predictions.parquet").to_pylist()
+        if r["method"] == "grasp"
+    }
+    scored = pq.read_table(other / "scores" / "subsets.parquet").to_pylist()
+    shared = [r for r in scored if (r["subset_id"], r["task"]) in predicted]
+    assert shared
+    for r in shared:
+        expected = predicted[(r["subset_id"], r["task"])]
+        assert r["predicted_utility"] == pytest.approx(expected, rel=1e-6, abs=1e-9)

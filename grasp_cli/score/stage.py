@@ -54,6 +54,8 @@ def subset_predictions(
 ) -> pa.Table:
     """The surrogate's prediction for each subset, split into alignment and penalty."""
     features, _ = compute_subset_features(membership, row_blocks(phi), n_examples=n)
+    if model.feature_set != "sketch":  # ``phi`` holds the model's own feature rows (Q_i ψ_i)
+        features.sets[model.feature_set] = features.sums
     terms = model.terms(features)
     # One sign convention with the examples' table: utility = intercept + alignment − redundancy.
     predicted = terms["intercept"] + terms["alignment"] - terms["penalty"]
