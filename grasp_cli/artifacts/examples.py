@@ -43,7 +43,10 @@ if TYPE_CHECKING:
 IMAGE_SHAPE_KEY = b"grasp.image_shape"
 MANIFEST_FILE = "_grasp/manifest.json"  # artifacts.manifest.MANIFEST_NAME (not imported: config)
 METADATA_FIELDS = ("offset",)  # fields that locate a row, not model inputs
-PAD_ID_OF_BYTES = 256  # a manifest without pad_id: grasp's byte corpus (models.transformer.PAD_ID)
+# grasp's byte corpus (the default; a manifest without pad_id / vocab_size means it): UTF-8
+# bytes 0-255 are the tokens, 256 pads. models.transformer builds its vocabulary from these.
+BYTE_PAD_ID = 256
+BYTE_VOCAB_SIZE = 257
 
 
 @dataclass
@@ -511,7 +514,7 @@ class Corpus:
         ``max_token_id`` when prepare recorded it (over the corpus and its tasks, so at least
         the corpus's own largest id) for this ``pad_id``, else streamed block by block."""
         extra = self.manifest_extra()
-        if "max_token_id" in extra and int(extra.get("pad_id", PAD_ID_OF_BYTES)) == pad_id:
+        if "max_token_id" in extra and int(extra.get("pad_id", BYTE_PAD_ID)) == pad_id:
             return int(extra["max_token_id"])
         largest = -1
         for _, block in self.iter_blocks(0, len(self), block_rows):

@@ -15,8 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PAD_ID = 256
-VOCAB_SIZE = 257
+from grasp_cli.artifacts.examples import BYTE_PAD_ID, BYTE_VOCAB_SIZE
+
+PAD_ID = BYTE_PAD_ID
+VOCAB_SIZE = BYTE_VOCAB_SIZE
 IGNORED = -100  # target id cross_entropy skips (pad targets are mapped to it)
 
 

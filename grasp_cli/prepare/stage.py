@@ -22,6 +22,7 @@ from grasp_cli.artifacts.atomic import (
     sweep_debris,
     writing,
 )
+from grasp_cli.artifacts.examples import BYTE_PAD_ID, BYTE_VOCAB_SIZE
 from grasp_cli.artifacts.layout import SCRATCH, RunLayout, check_safe_name
 from grasp_cli.artifacts.manifest import (
     build_manifest,
@@ -352,7 +353,11 @@ def commit_prepared(
         # byte tokens by default: ids 0-255, pad 256 (models.transformer); a tokenizer's
         # pad_id / vocab_size / eos_id (merged.extra) replace them
         **(
-            {"seq_len": config.prepare.seq_len, "pad_id": 256, "vocab_size": 257}
+            {
+                "seq_len": config.prepare.seq_len,
+                "pad_id": BYTE_PAD_ID,
+                "vocab_size": BYTE_VOCAB_SIZE,
+            }
             if plan.kind == "tokens"
             else {}
         ),

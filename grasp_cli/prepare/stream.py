@@ -36,7 +36,7 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from grasp_cli.artifacts.atomic import atomic_write_text, creation_lock, writing
-from grasp_cli.artifacts.examples import Examples, PartWriter
+from grasp_cli.artifacts.examples import BYTE_PAD_ID, Examples, PartWriter
 from grasp_cli.artifacts.shards import ShardSpec
 from grasp_cli.errors import InputError
 from grasp_cli.prepare.split import (
@@ -56,7 +56,6 @@ KEY_COLUMNS = ("_unit_key", "_unit_no", "_row_key")
 DONE = "done.json"
 LEDGER_DTYPE = np.dtype([("id", "<u8"), ("text", "<u8"), ("unit", "<i8"), ("role", "<i4")])
 LEDGER_RUN_ROWS = 1 << 18
-BYTE_PAD_ID = 256  # grasp's byte corpus pad (models.transformer.PAD_ID)
 CORPUS_ROLE, SKIPPED_ROLE = -1, -2  # ledger roles; >= 0 is the index of a held-out domain
 
 

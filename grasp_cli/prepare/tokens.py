@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from grasp_cli.artifacts.examples import BYTE_PAD_ID as PAD_ID
 from grasp_cli.errors import ConfigError, InputError
-from grasp_cli.models.transformer import PAD_ID
 from grasp_cli.prepare.units import Unit
 
 MIN_TAIL_TOKENS = 16  # a document's last piece is kept (padded) only if it has this many tokens

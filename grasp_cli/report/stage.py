@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from grasp_cli.artifacts.atomic import artifact_dir
+from grasp_cli.artifacts.examples import BYTE_PAD_ID
 from grasp_cli.artifacts.manifest import (
     build_manifest,
     folder_digest,
@@ -33,7 +34,6 @@ from grasp_cli.report.sections import ReportInputs
 TOP_EXAMPLES = 10  # per task
 TOP_SELECTED = 10
 GAIN_COLUMNS = ["id", "task", "utility_gain", "alignment", "redundancy"]
-BYTE_PAD_ID = 256  # grasp's byte corpus (models.transformer.PAD_ID, not imported: torch)
 
 
 def run_report(ctx: StageContext) -> str:

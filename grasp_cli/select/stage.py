@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from grasp_cli.artifacts.atomic import artifact_dir
-from grasp_cli.artifacts.examples import open_corpus
+from grasp_cli.artifacts.examples import BYTE_PAD_ID, BYTE_VOCAB_SIZE, open_corpus
 from grasp_cli.artifacts.manifest import build_manifest, folder_digest, require, write_manifest
 from grasp_cli.artifacts.sketches import masked_row_sum, open_sketches
 from grasp_cli.artifacts.tables import write_table
@@ -347,9 +347,9 @@ def load_curation_data(ctx: StageContext, inputs: SelectInputs) -> CurationData:
     texts = task_texts = None
     manifest = require(layout, "corpus", ctx.config, force=True, check_config=False)
     is_text = manifest.extra.get("kind") == "tokens"
-    vocab = int(manifest.extra.get("vocab_size", 257))
-    pad = manifest.extra.get("pad_id", 256)
-    byte_vocab = vocab <= 257
+    vocab = int(manifest.extra.get("vocab_size", BYTE_VOCAB_SIZE))
+    pad = manifest.extra.get("pad_id", BYTE_PAD_ID)
+    byte_vocab = vocab <= BYTE_VOCAB_SIZE
     texts = [] if is_text else None
     content = np.zeros(len(inputs.ids), dtype=np.uint64)
     for start, block in iter_example_blocks(layout.corpus, 0, len(inputs.ids), 4096):
