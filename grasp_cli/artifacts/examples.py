@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grasp_cli.artifacts.atomic import _tmp_name, atomic_dir, creation_lock, sweep_debris
-from grasp_cli.artifacts.layout import SCRATCH
+from grasp_cli.artifacts.layout import MANIFEST_NAME, SCRATCH
 from grasp_cli.artifacts.tables import (
     parquet_file,
     read_table,
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     import torch
 
 IMAGE_SHAPE_KEY = b"grasp.image_shape"
-MANIFEST_FILE = "_grasp/manifest.json"  # artifacts.manifest.MANIFEST_NAME (not imported: config)
 METADATA_FIELDS = ("offset",)  # fields that locate a row, not model inputs
 # grasp's byte corpus (the default; a manifest without pad_id / vocab_size means it): UTF-8
 # bytes 0-255 are the tokens, 256 pads. models.transformer builds its vocabulary from these.
@@ -481,7 +480,7 @@ class Corpus:
         """The ``extra`` of the corpus manifest (``_grasp/manifest.json``); {} when absent or
         unreadable (callers then read the data itself)."""
         try:
-            text = (self.folder / MANIFEST_FILE).read_text(encoding="utf-8")
+            text = (self.folder / MANIFEST_NAME).read_text(encoding="utf-8")
             extra = json.loads(text)["extra"]
         except (OSError, ValueError, KeyError, TypeError):
             return {}
@@ -554,7 +553,7 @@ class Corpus:
         """Changes whenever a shard changes: the manifest's fingerprint (if any) and every
         shard's name, size and modification time."""
         digest = hashlib.sha256()
-        manifest = self.folder / MANIFEST_FILE
+        manifest = self.folder / MANIFEST_NAME
         if manifest.is_file():
             digest.update(manifest.read_bytes())
         for path in self.paths:

@@ -12,7 +12,9 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # grasp's own folder at the run's top (a sharded prepare's staging, the corpus row store); the
 # same name as the bookkeeping folder inside every artifact: nothing under `_grasp/` is data.
-SCRATCH = "_grasp"
+BOOKKEEPING = "_grasp"
+MANIFEST_NAME = f"{BOOKKEEPING}/manifest.json"  # inside every artifact folder
+SCRATCH = BOOKKEEPING
 
 
 def check_safe_name(name: str, what: str) -> str:

@@ -23,13 +23,11 @@ from typing import Any
 
 from grasp_cli import __version__
 from grasp_cli.artifacts.atomic import atomic_write_text
-from grasp_cli.artifacts.layout import ARTIFACTS, RunLayout
+from grasp_cli.artifacts.layout import ARTIFACTS, BOOKKEEPING, MANIFEST_NAME, RunLayout
 from grasp_cli.config import GraspConfig, sections_hash, semantic_section
 from grasp_cli.errors import InputError, StaleError
 
 SCHEMA_VERSION = 2
-BOOKKEEPING = "_grasp"
-MANIFEST_NAME = f"{BOOKKEEPING}/manifest.json"
 _ZARR_GROUP = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
 
 

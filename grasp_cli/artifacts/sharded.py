@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from grasp_cli.artifacts.atomic import _tmp_name, creation_lock, replace_dir, sweep_debris
-from grasp_cli.artifacts.layout import RunLayout
+from grasp_cli.artifacts.layout import BOOKKEEPING, RunLayout
 from grasp_cli.artifacts.manifest import (
     Manifest,
     build_manifest,
@@ -138,7 +138,7 @@ def verify_files(folder: Path, manifest: Manifest, pattern: str, rebuild: str) -
         relative: path
         for path in sorted(Path(folder).rglob("*"))
         if path.is_file()
-        and not (relative := path.relative_to(folder).as_posix()).startswith("_grasp/")
+        and not (relative := path.relative_to(folder).as_posix()).startswith(f"{BOOKKEEPING}/")
         and fnmatch.fnmatch(relative, pattern)
     }
     if not recorded:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grasp_cli.artifacts.atomic import atomic_write_text
+from grasp_cli.artifacts.layout import BOOKKEEPING
 from grasp_cli.errors import UsageError
 
 
@@ -97,7 +98,7 @@ class UnitMarkers:
     """Completion markers for the units of one artifact: ``<artifact>/_grasp/done/<unit>.json``."""
 
     def __init__(self, artifact_dir: Path) -> None:
-        self.folder = Path(artifact_dir) / "_grasp" / "done"
+        self.folder = Path(artifact_dir) / BOOKKEEPING / "done"
 
     def _path(self, unit: int) -> Path:
         return self.folder / f"{unit:06d}.json"
