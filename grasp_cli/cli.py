@@ -24,6 +24,7 @@ from grasp_cli.artifacts.shards import resolve_shard
 from grasp_cli.config import config_changes, describe, load_config, parse_overrides
 from grasp_cli.context import StageContext
 from grasp_cli.errors import GraspError, UsageError, first_line
+from grasp_cli.memory import release_freed_blocks
 from grasp_cli.stages import STAGES, Flag, Stage
 
 app = typer.Typer(
@@ -228,6 +229,7 @@ for _stage in STAGES:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn library errors into one line and an exit code."""
     debug = os.environ.get("GRASP_DEBUG", "") not in ("", "0")
+    release_freed_blocks()  # freed stream blocks go back to the OS (grasp_cli/memory.py)
     try:
         # Outside standalone mode, typer *returns* the exit code of an Exit (Ctrl-C is Exit(130)).
         code = app(args=argv, standalone_mode=False)

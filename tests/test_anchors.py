@@ -14,7 +14,7 @@ import torch
 
 from grasp_cli.config import ModelSection
 from grasp_cli.models import DataShape, build_model
-from grasp_cli.select.dsir import log_importance_weights, resample
+from grasp_cli.select.dsir import dsir_rows, log_importance_weights, resample
 from grasp_cli.sketch.trak import TrakFeaturizer
 
 pytest.importorskip("trak")
@@ -97,11 +97,18 @@ def test_dsir_equals_the_data_selection_package(tmp_path):
     targets = {"code": texts(code, 15), "prose": texts(prose, 15)}
     ours, names = log_importance_weights(raw, targets)
     assert names == ["code", "prose"]
-    ids, theirs = dsir_reference(
-        np.arange(200), raw, targets, 40, seed=0, top_k=True, scratch=tmp_path
+    ids, theirs = dsir_reference(  # the corpus streamed into 4 files of <= 64 rows
+        np.arange(200), iter(raw), targets, 40, seed=0, top_k=True, scratch=tmp_path, file_rows=64
     )
     np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-9)
     np.testing.assert_array_equal(resample(ours, 40, seed=0, top_k=True), ids)
+    # streamed in blocks (two passes, O(B·T) held): the same rows, whatever the block size
+    np.testing.assert_array_equal(
+        dsir_rows(raw, targets, 40, seed=0, block_rows=7, top_k=True), ids
+    )
+    drawn = dsir_rows(raw, targets, 40, seed=3, block_rows=7)
+    np.testing.assert_array_equal(drawn, dsir_rows(raw, targets, 40, seed=3, block_rows=500))
+    np.testing.assert_array_equal(drawn, resample(ours, 40, seed=3))
     # importance resampling puts the budget where the targets' n-grams are: random would
     # take 80/200 = 40 % of its rows from the 80 target-like ones
     chosen = resample(ours, 40, seed=1)

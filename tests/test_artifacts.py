@@ -240,6 +240,21 @@ def test_part_writer_fills_parts_and_row_groups_as_rows_arrive(tmp_path):
     assert not [p for p in (tmp_path / "run" / "corpus").iterdir() if p.name.startswith(".")]
 
 
+def test_domain_codes_index_sorted_names_when_shards_see_domains_in_other_orders(tmp_path):
+    from grasp_cli.artifacts.examples import PartWriter, open_corpus
+
+    examples = _examples(24)
+    # the first shard meets "zeta" then "mid", a later one "alpha" only: first appearance
+    # order is not the sorted order, and shards have different dictionaries
+    examples.domains = np.array(["zeta", "mid"] * 6 + ["alpha"] * 8 + ["mid"] * 4, dtype=object)
+    writer = PartWriter(tmp_path / "corpus", shard_rows=10, row_group_rows=4)
+    writer.write(examples)
+    writer.close()
+    codes, names = open_corpus(tmp_path / "corpus").domain_codes()
+    assert names == ["alpha", "mid", "zeta"] and codes.dtype == np.int8
+    assert [names[c] for c in codes] == examples.domains.tolist()
+
+
 def test_corpus_reads_columns_rows_and_a_row_store_like_the_whole(tmp_path):
     import torch
 
@@ -302,3 +317,28 @@ def test_row_file_reads_runs_of_rows_by_offset(tmp_path):
     np.testing.assert_array_equal(store.take(rows), values[rows])
     with pytest.raises(IndexError):
         store.take(np.array([200]))
+
+
+def test_lazy_column_reads_like_the_whole_array_one_block_at_a_time():
+    from grasp_cli.artifacts.sketches import LazyColumn
+
+    class Counting:  # an on-disk array: records every read
+        def __init__(self, values):
+            self.values, self.shape, self.reads = values, values.shape, []
+
+        def __getitem__(self, index):
+            self.reads.append((index.start, index.stop))
+            return self.values[index]
+
+    values = np.arange(1000, dtype=np.int64) * 3 + 1
+    source = Counting(values)
+    column = LazyColumn(source, np.int64, block_rows=64)
+    assert len(column) == 1000 and column[5] == values[5] and column[-1] == values[-1]
+    for lo, hi in [(0, 10), (60, 70), (0, 1000), (990, 1000), (130, 128)]:
+        np.testing.assert_array_equal(column[lo:hi], values[lo:hi])
+    rows = np.random.default_rng(0).integers(0, 1000, 300)  # any order, repeats
+    np.testing.assert_array_equal(column.take(rows), values[rows])
+    np.testing.assert_array_equal(column[rows], values[rows])
+    assert max(stop - start for start, stop in source.reads[-16:]) <= 64  # take: block reads
+    with pytest.raises(IndexError):
+        column.take(np.array([1000]))

@@ -298,6 +298,17 @@ def test_streaming_top_b_matches_a_full_sort_with_ties_and_caps():
     np.testing.assert_array_equal(top.rows()[:, 0], idx)
 
 
+def test_trak_top_b_streams_the_full_sort_with_ties_across_blocks():
+    from grasp_cli.select.stage import streamed_top_rows
+
+    rng = np.random.default_rng(11)
+    rows = rng.integers(-3, 4, size=(70_000, 2)).astype(np.float32)  # ties everywhere
+    direction = np.array([1.0, 2.0])
+    scores = rows.astype(np.float64) @ direction
+    expected = np.sort(np.lexsort((np.arange(len(scores)), -scores))[:500])
+    np.testing.assert_array_equal(streamed_top_rows(rows, direction, 500), expected)
+
+
 def test_stream_on_zarr_equals_stream_in_memory(tmp_path):
     phi, labels, obj = plain_objective(11)
     arr = zarr.open_array(

@@ -398,9 +398,10 @@ class Corpus:
     """A corpus folder opened for reading without loading it.
 
     Opening reads the Parquet footers only (row counts, schemas: a missing or mistyped column
-    is an ``InputError`` naming the shard) and the ``id`` column (checked unique). Then:
+    is an ``InputError`` naming the shard). Then:
 
-    - ``ids`` ``[N]`` int64 and ``domain_codes()`` (int32 codes, sorted names): columns only;
+    - ``ids`` ``[N]`` int64 (read and checked unique on first use), ``iter_ids()`` (shard by
+      shard) and ``domain_codes()`` (the narrowest integer codes, sorted names): columns only;
     - ``iter_blocks(start, stop, block_rows)``: rows streamed by row group;
     - ``iter_rows(rows, block_rows)``: chosen rows (sorted), reading only their row groups;
     - ``to_torch()``: every field as a row store that reads a batch's rows by offset from one
@@ -428,37 +429,59 @@ class Corpus:
                 raise InputError(f"{path}: a {kind} shard in a {self.kind} corpus")
         self.image_shape = schemas[0][1]
         self.part_starts = np.concatenate([[0], np.cumsum(self.part_rows)]).astype(np.int64)
-        self.ids = read_columns(self.folder, ["id"])["id"].astype(np.int64)
-        sorted_ids = np.sort(self.ids)
-        repeated = sorted_ids[1:] == sorted_ids[:-1]
-        if repeated.any():
-            dupes = np.unique(sorted_ids[1:][repeated])[:5].tolist()
-            raise InputError(f"{self.folder}: duplicate ids {dupes}; ids must be unique")
-        del sorted_ids
+        self._ids: np.ndarray | None = None
         self._order: np.ndarray | None = None  # argsort of ids, made when positions() is asked
         self._stores: dict[str, RowFile] | None = None
 
     def __len__(self) -> int:
         return int(self.part_starts[-1])
 
+    @property
+    def ids(self) -> np.ndarray:
+        """int64 ``[N]``, every row's id (read, and checked unique, when first asked: stages
+        that only stream the corpus never hold ``N`` ids; ``iter_ids`` reads them per shard)."""
+        if self._ids is None:
+            ids = read_columns(self.folder, ["id"])["id"].astype(np.int64)
+            sorted_ids = np.sort(ids)
+            repeated = sorted_ids[1:] == sorted_ids[:-1]
+            if repeated.any():
+                dupes = np.unique(sorted_ids[1:][repeated])[:5].tolist()
+                raise InputError(f"{self.folder}: duplicate ids {dupes}; ids must be unique")
+            self._ids = ids
+        return self._ids
+
+    def iter_ids(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, int64 ids)`` of each shard in row order: one shard's ids held."""
+        for path, start in zip(self.paths, self.part_starts, strict=False):
+            ids = read_table(path, columns=["id"]).column("id").to_numpy()
+            yield int(start), np.asarray(ids, dtype=np.int64)
+
     def domain_codes(self) -> tuple[np.ndarray, list[str]]:
-        """int32 codes ``[N]`` into the sorted domain names, read as a dictionary column."""
-        local_codes, local_names = [], []
+        """Codes ``[N]`` into the sorted domain names, read as a dictionary column: int8 up
+        to 127 domains (int16, int32 beyond), one byte a row."""
+        seen: dict[str, int] = {}  # name -> code in order of first appearance
+        parts: list[np.ndarray] = []  # codes in that order (int16 while they fit), per chunk
         for path in self.paths:
             try:
                 column = pq.read_table(path, columns=["domain"], read_dictionary=["domain"])
             except (pa.ArrowException, OSError) as exc:
                 raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
             for chunk in column.column("domain").chunks:
-                local_codes.append(chunk.indices.to_numpy(zero_copy_only=False))
-                local_names.append(chunk.dictionary.to_pylist())
-        names = sorted({name for chunk in local_names for name in chunk})
-        lookup = {name: code for code, name in enumerate(names)}
-        codes = [
-            np.array([lookup[n] for n in chunk], dtype=np.int32)[indices]
-            for indices, chunk in zip(local_codes, local_names, strict=True)
-        ]
-        return (np.concatenate(codes) if codes else np.zeros(0, np.int32)), names
+                local = [seen.setdefault(name, len(seen)) for name in chunk.dictionary.to_pylist()]
+                indices = chunk.indices.to_numpy(zero_copy_only=False)
+                narrow = np.int16 if len(seen) <= 32767 else np.int32
+                parts.append(np.asarray(local, dtype=narrow)[indices])
+            del column
+        names = sorted(seen)
+        dtype = np.int8 if len(names) <= 127 else np.int16 if len(names) <= 32767 else np.int32
+        remap = np.zeros(max(len(names), 1), dtype=dtype)
+        remap[[seen[name] for name in names]] = np.arange(len(names))  # appearance -> sorted
+        codes = np.empty(sum(len(p) for p in parts), dtype=dtype)
+        at = 0
+        for part in parts:
+            codes[at : at + len(part)] = remap[part]
+            at += len(part)
+        return codes, names
 
     def positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Row of each id in ``ids`` and whether it is known (``rows[~known]`` is meaningless)."""

@@ -26,18 +26,77 @@ from grasp_cli.errors import InputError
 BLOCK_ROWS = 65536  # rows per streamed block of the sketch matrix (fit-surrogate, score)
 
 
+class LazyColumn:
+    """A 1-D on-disk array ``[N]`` read a block of ``block_rows`` at a time, so that a stage
+    can index per-row values (ids, TRAK's ``Q_i``) as it streams without holding ``N`` of
+    them: slices read (and keep) only the blocks they touch; ``take`` reads sorted rows
+    block by block. Memory: one block, whatever ``N``."""
+
+    def __init__(self, array: Any, dtype: Any, block_rows: int = BLOCK_ROWS) -> None:
+        self.array, self.dtype, self.block_rows = array, np.dtype(dtype), block_rows
+        self.shape = (int(array.shape[0]),)
+        self._block: tuple[int, np.ndarray] | None = None  # (first row, values)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, lo: int, hi: int) -> np.ndarray:
+        start = self._block[0] if self._block is not None else -1
+        if self._block is None or lo < start or hi > start + len(self._block[1]):
+            first = (lo // self.block_rows) * self.block_rows
+            last = min(max(hi, first + self.block_rows), len(self))
+            if hi > first + self.block_rows:  # a slice wider than one block: read it whole
+                return np.asarray(self.array[lo:hi], dtype=self.dtype)
+            self._block = (first, np.asarray(self.array[first:last], dtype=self.dtype))
+            start = first
+        return self._block[1][lo - start : hi - start]
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(len(self))
+            if step != 1:
+                raise IndexError("LazyColumn: slices must have step 1")
+            return self._read(lo, max(lo, hi)).copy()
+        if isinstance(index, (int, np.integer)):
+            row = int(index) + (len(self) if index < 0 else 0)
+            return self._read(row, row + 1)[0]
+        return self.take(np.asarray(index))
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """``values[rows]`` for any integer rows, reading only the blocks that hold them."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty(len(rows), dtype=self.dtype)
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        if len(rows) and (ordered[0] < 0 or ordered[-1] >= len(self)):
+            raise IndexError(f"rows outside 0..{len(self) - 1}")
+        bounds = np.searchsorted(
+            ordered, np.arange(0, len(self) + self.block_rows, self.block_rows)
+        )
+        for b in np.flatnonzero(np.diff(bounds)):
+            lo = b * self.block_rows
+            block = self._read(lo, min(lo + self.block_rows, len(self)))
+            out[order[bounds[b] : bounds[b + 1]]] = block[ordered[bounds[b] : bounds[b + 1]] - lo]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        values = np.asarray(self.array[:], dtype=self.dtype)  # every row: small arrays only
+        return values if dtype is None else values.astype(dtype)
+
+
 @dataclass
 class Sketches:
-    """An opened ``sketches.zarr``: the streamed matrix and the small arrays, read."""
+    """An opened ``sketches.zarr``: the streamed matrix, the small arrays read, and the
+    per-row columns (ids, ``Q_i``) as ``LazyColumn``: read block by block, never whole."""
 
     path: Path
     group: CheckedGroup
     train: CheckedArray  # [N, k] φ_i, streamed
-    ids: np.ndarray  # [N] int64 corpus ids, row order
+    ids: LazyColumn  # [N] int64 corpus ids, row order
     residuals: np.ndarray  # [T, k] float64 r_t
     task_names: list[str]
     trak_train: CheckedArray | None = None  # [N, k_t] ψ_i, TRAK's output-gradient features
-    trak_q: np.ndarray | None = None  # [N] Q_i, TRAK's out-to-loss weights
+    trak_q: LazyColumn | None = None  # [N] Q_i, TRAK's out-to-loss weights
     trak_tasks: np.ndarray | None = None  # [T, k_t] ψ_t
     trak_ref: CheckedArray | None = None  # [N, L·T] traker's scores, column l·T + t
 
@@ -60,12 +119,18 @@ class Sketches:
             f"{self.path}: has no {feature_set!r} features; rerun `grasp sketch` with sketch.trak_k > 0"
         )
 
-    def check_ids(self, corpus_ids: np.ndarray, corpus: Path) -> None:
-        """The sketch rows must be the corpus rows, in order (else: made from another corpus)."""
-        if len(corpus_ids) != self.n or not np.array_equal(self.ids, np.asarray(corpus_ids)):
+    def check_ids(self, corpus: Any) -> None:
+        """The sketch rows must be the corpus rows, in order (else: made from another corpus).
+
+        ``corpus``: an opened ``Corpus``; compared shard by shard (one shard's ids held)."""
+        matches = len(corpus) == self.n and all(
+            np.array_equal(self.ids[start : start + len(ids)], ids)
+            for start, ids in corpus.iter_ids()
+        )
+        if not matches:
             raise InputError(
                 f"{self.path}: sketch ids do not match the corpus (train_ids do not match "
-                f"{corpus}); rerun `grasp sketch`"
+                f"{corpus.folder}); rerun `grasp sketch`"
             )
 
     def check_k(self, dims: list[int], what: str) -> None:
@@ -78,8 +143,8 @@ class Sketches:
 class WeightedRows:
     """Rows ``w_i · a_i`` of an array read lazily by row slices (``shape``, ``a[i:j, :k]``)."""
 
-    def __init__(self, array: Any, weights: np.ndarray) -> None:
-        self.array, self.weights = array, np.asarray(weights, dtype=np.float64)
+    def __init__(self, array: Any, weights: Any) -> None:
+        self.array, self.weights = array, weights  # weights: [N], sliceable by rows
         self.shape = tuple(array.shape)
         self.dtype = np.dtype(np.float32)
 
@@ -98,11 +163,11 @@ def open_sketches(path: Path) -> Sketches:
         path=Path(path),
         group=group,
         train=group["train"],
-        ids=np.asarray(group["train_ids"][:]),
+        ids=LazyColumn(group["train_ids"], np.int64),
         residuals=np.asarray(group["tasks"][:], dtype=np.float64),
         task_names=[str(t) for t in group["task_names"][:]],
         trak_train=group["trak_train"] if has_trak else None,
-        trak_q=np.asarray(group["trak_q"][:], dtype=np.float64) if has_trak else None,
+        trak_q=LazyColumn(group["trak_q"], np.float64) if has_trak else None,
         trak_tasks=np.asarray(group["trak_tasks"][:], dtype=np.float64) if has_trak else None,
         trak_ref=group["trak_ref_scores"] if "trak_ref_scores" in group else None,
     )

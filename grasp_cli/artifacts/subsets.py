@@ -36,14 +36,15 @@ def pack_membership(mask: np.ndarray) -> np.ndarray:
 
 def unpack_membership(packed: np.ndarray, n_examples: int) -> np.ndarray:
     """uint8 ``[..., ceil(N/8)]`` -> bool ``[..., N]``."""
-    return np.unpackbits(
+    bits = np.unpackbits(
         np.asarray(packed, dtype=np.uint8), axis=-1, count=n_examples, bitorder="big"
-    ).astype(bool)
+    )
+    return bits.view(bool)  # 0/1 bytes are valid bools: no second [..., N] array
 
 
 def members_of(packed_row: np.ndarray, n_examples: int) -> np.ndarray:
     """Sorted int64 row indices of one packed membership row."""
-    return np.flatnonzero(unpack_membership(packed_row, n_examples)).astype(np.int64)
+    return np.flatnonzero(unpack_membership(packed_row, n_examples)).astype(np.int64, copy=False)
 
 
 # ---------------------------------------------------------------- subsets.zarr

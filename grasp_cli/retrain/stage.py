@@ -73,7 +73,7 @@ def ensure_subsets(ctx: StageContext, corpus: Corpus) -> Subsets:
         given = read_table(Path(section.given))
     plan = plan_subsets(
         section,
-        corpus.ids,
+        corpus.ids if "given" in section.designs else len(corpus),  # ids: only to map a file
         codes,
         names,
         ctx.config.seed("subsets"),

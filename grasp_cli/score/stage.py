@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from grasp_cli.artifacts.manifest import file_digest, require
-from grasp_cli.artifacts.sketches import masked_row_sum, open_sketches, row_blocks
+from grasp_cli.artifacts.sketches import BLOCK_ROWS, masked_row_sum, open_sketches, row_blocks
 from grasp_cli.artifacts.subsets import pack_membership, read_subset_table, read_subsets
 from grasp_cli.artifacts.tables import read_table, write_table
 from grasp_cli.context import StageContext
@@ -46,7 +46,11 @@ def reference_mask(ctx: StageContext, ids: np.ndarray) -> np.ndarray:
         return np.ones(len(ids), dtype=bool)
     require(ctx.layout, "selection", ctx.config, force=ctx.force)
     selected = read_table(ctx.layout.selection / "selected.parquet").column("id").to_numpy()
-    return np.isin(ids, selected)
+    mask = np.zeros(len(ids), dtype=bool)
+    for start in range(0, len(ids), BLOCK_ROWS):  # ids block by block: never N of them held
+        block = ids[start : start + BLOCK_ROWS]
+        mask[start : start + len(block)] = np.isin(block, selected)
+    return mask
 
 
 def subset_predictions(

@@ -10,7 +10,7 @@ feeds them and trains every selection with the same recipe and seeds.
 - ``regmix_rows``: RegMix (Liu et al., 2024): the domain-mixture regression fitted on the
   retrained subsets predicts the objective of many Dirichlet mixtures; the mean of the best
   ones is the mixture, sampled uniformly within domains.
-- ``top_rows``: the top-B rows by an additive per-example score (TRAK top-B).
+- TRAK top-B (the top-B rows by an additive per-example score) is ``stage.streamed_top_rows``.
 - DSIR lives in ``dsir.py``.
 """
 
@@ -120,15 +120,9 @@ def regmix_rows(
     return rows, mixture
 
 
-def top_rows(scores: np.ndarray, budget: int) -> np.ndarray:
-    """The ``budget`` rows with the highest ``scores`` ``[N]`` (ties: lower row first)."""
-    order = np.lexsort((np.arange(len(scores)), -np.asarray(scores)))
-    return np.sort(order[:budget])
-
-
-def repeated_share(row_keys: np.ndarray, rows: np.ndarray) -> tuple[int, float]:
-    """(slots spent on repeats, share of the budget): rows of a selection whose content (its
-    key, e.g. a hash of its tokens) another selected row already has."""
-    keys = np.asarray(row_keys)[np.asarray(rows)]
+def repeated_share(row_keys: np.ndarray, rows: np.ndarray | None = None) -> tuple[int, float]:
+    """(slots spent on repeats, share of the budget): rows of a selection (None: every row)
+    whose content (its key, e.g. a hash of its tokens) another selected row already has."""
+    keys = np.asarray(row_keys) if rows is None else np.asarray(row_keys)[np.asarray(rows)]
     repeats = len(keys) - len(np.unique(keys))
     return int(repeats), float(repeats / max(len(keys), 1))

@@ -8,6 +8,7 @@ selection and the additive top-B selection of the same size.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def load_select_inputs(ctx: StageContext) -> SelectInputs:
     stored = load_surrogate(layout.surrogate)
     sketches = open_sketches(layout.sketches)
     corpus = open_corpus(layout.corpus)  # ids and domains: columns only
-    sketches.check_ids(corpus.ids, layout.corpus)
+    sketches.check_ids(corpus)
     codes, names = corpus.domain_codes()
     phi = sketches.matrix(stored.model.feature_set)
     return SelectInputs(stored, phi, sketches.ids, codes, names)
@@ -155,10 +156,8 @@ def choose(
         "objective": float(selection.value),
         "history": list(selection.history)[:100],
     }
-    mask = np.zeros(n, dtype=bool)
-    mask[rows] = True
     model = inputs.stored.model
-    aggregate = masked_row_sum(phi, mask, objective.dim) * objective.scale
+    aggregate = masked_row_sum(phi, row_mask(n, rows), objective.dim) * objective.scale
     predicted = model.predict_aggregates(aggregate[None])[0]
     extra["predicted_utilities"] = dict(zip(model.task_names, map(float, predicted), strict=True))
     curation: dict[str, np.ndarray] = {}
@@ -182,10 +181,33 @@ def repeats_table(content: np.ndarray, selections: dict[str, np.ndarray]) -> dic
     from grasp_cli.select.curation import repeated_share
 
     out = {}
-    for name, rows in {"corpus": np.arange(len(content)), **selections}.items():
+    for name, rows in {"corpus": None, **selections}.items():
         slots, share = repeated_share(content, rows)
-        out[name] = {"rows": int(len(rows)), "slots": slots, "share": share}
+        out[name] = {
+            "rows": len(content) if rows is None else len(rows),
+            "slots": slots,
+            "share": share,
+        }
     return out
+
+
+class RowTexts:
+    """What each corpus row says (``dsir.row_text``), read from the corpus block by block each
+    time it is iterated: DSIR reads the corpus twice without holding its texts."""
+
+    def __init__(self, corpus: Path, n: int, pad_id: int | None, byte_vocab: bool) -> None:
+        self.corpus, self.n, self.pad_id, self.byte_vocab = corpus, n, pad_id, byte_vocab
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[str]:
+        from grasp_cli.artifacts.examples import iter_example_blocks
+        from grasp_cli.select.dsir import row_text
+
+        for _, block in iter_example_blocks(self.corpus, 0, self.n, 4096):
+            for row in block.fields["tokens"]:
+                yield row_text(row, self.pad_id, self.byte_vocab)
 
 
 @dataclass
@@ -193,7 +215,7 @@ class CurationData:
     """What selectors other than GRASP need, read from the run."""
 
     task_domains: list[int]  # corpus domain codes the tasks were held out of ([] if none)
-    texts: list[str] | None  # what each corpus row says (None: not text)
+    texts: RowTexts | None  # what each corpus row says, streamed (None: not text)
     task_texts: dict[str, list[str]] | None
     trak_rows: Any  # Q_i ψ_i rows (streamable) or None
     dirichlet_alpha: float
@@ -213,7 +235,7 @@ def curation_selections(
 ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, float]]:
     """(selector -> rows, selector -> why skipped, selector -> GRASP's predicted objective)."""
     from grasp_cli.select import curation as picks
-    from grasp_cli.select.dsir import log_importance_weights, resample
+    from grasp_cli.select.dsir import dsir_rows
 
     n = len(inputs.ids)
     stored = inputs.stored
@@ -244,7 +266,7 @@ def curation_selections(
             chosen[name] = picks.random_rows(n, budget, seed_of("curation-random"))
         elif name == "additive":
             additive = additive_top_b(
-                inputs.phi, objective, budget, inputs.codes, caps, progress=False
+                inputs.phi, objective, budget, inputs.codes, caps, section.block_rows
             )
             chosen[name] = np.sort(np.asarray(additive.indices))
         elif name == "whole":
@@ -263,10 +285,7 @@ def curation_selections(
                 * (stored.baselines["trak_slope"] * weights)[:, None]
             )
             direction = per_task.sum(axis=0)  # the objective's per-example TRAK score
-            scores = np.concatenate(
-                [block @ direction for _, block in iter_blocks(rows, 65536, len(direction))]
-            )
-            chosen[name] = picks.top_rows(scores, budget)
+            chosen[name] = streamed_top_rows(rows, direction, budget)
         elif name == "domain-match":
             if data is None or not data.task_domains:
                 skipped[name] = "the tasks are not corpus domains"
@@ -291,26 +310,48 @@ def curation_selections(
                 skipped[name] = "DSIR's hashed n-grams need a text corpus"
                 continue
             if name == "dsir":
-                log_w, _ = log_importance_weights(data.texts, data.task_texts)
-                chosen[name] = resample(log_w, budget, seed_of("curation-dsir"))
+                chosen[name] = dsir_rows(
+                    data.texts, data.task_texts, budget, seed_of("curation-dsir")
+                )
             else:
                 try:
                     from grasp_cli.anchors.dsir_ref import dsir_reference
 
                     ids, _ = dsir_reference(
-                        np.arange(n), data.texts, data.task_texts, budget, seed_of("curation-dsir")
+                        np.arange(n),
+                        data.texts,
+                        data.task_texts,
+                        budget,
+                        seed_of("curation-dsir"),
+                        with_weights=False,
                     )
                     chosen[name] = ids
                 except GraspError as exc:
                     skipped[name] = str(exc)
     predicted = {
-        name: float(
-            objective.value(masked_row_sum(inputs.phi, np.isin(np.arange(n), rows), objective.dim))
-        )
+        name: float(objective.value(masked_row_sum(inputs.phi, row_mask(n, rows), objective.dim)))
         for name, rows in chosen.items()
         if name != "whole" and len(rows) == budget
     }
     return chosen, skipped, predicted
+
+
+def row_mask(n: int, rows: np.ndarray) -> np.ndarray:
+    """bool ``[N]``, True at ``rows``."""
+    mask = np.zeros(n, dtype=bool)
+    mask[np.asarray(rows, dtype=np.int64)] = True
+    return mask
+
+
+def streamed_top_rows(rows: Any, direction: np.ndarray, budget: int) -> np.ndarray:
+    """The ``budget`` rows with the highest ``row · direction`` (ties: lower row first), sorted,
+    read block by block (``O(B)`` held: ``picks.top_rows`` without the ``[N]`` scores)."""
+    from grasp_cli.select.stream import StreamingTopB
+
+    best = StreamingTopB(budget, keep_rows=False)
+    for start, block in iter_blocks(rows, 65536, len(direction)):
+        best.push(np.arange(start, start + len(block)), block @ direction)
+    return np.sort(best.idx)
 
 
 def trust_region_caps(inputs: SelectInputs, budget: int, caps: np.ndarray | None) -> np.ndarray:
@@ -350,13 +391,11 @@ def load_curation_data(ctx: StageContext, inputs: SelectInputs) -> CurationData:
     vocab = int(manifest.extra.get("vocab_size", BYTE_VOCAB_SIZE))
     pad = manifest.extra.get("pad_id", BYTE_PAD_ID)
     byte_vocab = vocab <= BYTE_VOCAB_SIZE
-    texts = [] if is_text else None
+    texts = RowTexts(layout.corpus, len(inputs.ids), pad, byte_vocab) if is_text else None
     content = np.zeros(len(inputs.ids), dtype=np.uint64)
     for start, block in iter_example_blocks(layout.corpus, 0, len(inputs.ids), 4096):
         rows = block.fields["tokens"] if is_text else block.fields["image"]
         content[start : start + len(rows)] = row_hashes(rows)
-        if texts is not None:
-            texts.extend(row_text(row, pad, byte_vocab) for row in rows)
     if is_text:
         task_texts = {
             name: [row_text(row, pad, byte_vocab) for row in examples.fields["tokens"]]

@@ -114,9 +114,11 @@ class DomainLayout:
         if n_examples <= 0:
             raise ValueError("the corpus is empty")
         if domain_codes is None:
-            domain_codes = np.zeros(n_examples, dtype=np.int64)
+            domain_codes = np.zeros(n_examples, dtype=np.int8)
             domain_names = ["all"]
-        domain_codes = np.asarray(domain_codes, dtype=np.int64)
+        domain_codes = np.asarray(domain_codes)  # any integer codes: no [N] int64 copy
+        if not np.issubdtype(domain_codes.dtype, np.integer):
+            raise ValueError(f"domain_codes must be integers, got {domain_codes.dtype}")
         if domain_codes.shape != (n_examples,):
             raise ValueError(
                 f"domain_codes has shape {domain_codes.shape}, expected ({n_examples},)"
@@ -129,6 +131,8 @@ class DomainLayout:
         if domain_codes.min() < 0 or domain_codes.max() >= len(names):
             raise ValueError(f"domain_codes must lie in [0, {len(names)})")
         order = np.argsort(domain_codes, kind="stable")
+        if n_examples < 2**31:  # row indices in 4 bytes, not 8
+            order = order.astype(np.int32)
         counts = np.bincount(domain_codes, minlength=len(names))
         splits = np.split(order, np.cumsum(counts)[:-1])
         present = [c for c in range(len(names)) if counts[c] > 0]

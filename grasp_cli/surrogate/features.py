@@ -195,7 +195,9 @@ def compute_subset_features(
     n_subsets = packed.shape[0]
     n_domains = 0
     if domains is not None:
-        domains = np.asarray(domains, dtype=np.int64)
+        domains = np.asarray(domains)  # any integer codes, indexed per sub-block (no [N] copy)
+        if not np.issubdtype(domains.dtype, np.integer):
+            raise ValueError(f"domain codes must be integers, got {domains.dtype}")
         if domains.size and domains.min() < 0:
             raise ValueError("domain codes must be non-negative integers")
         n_domains = (

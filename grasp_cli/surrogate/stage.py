@@ -77,7 +77,7 @@ def load_fit_inputs(ctx: StageContext) -> FitInputs:
             "rerun `grasp retrain-subsets` or `grasp sketch` on the same corpus"
         )
     corpus = open_corpus(layout.corpus)  # ids and domains: columns only
-    sketches.check_ids(corpus.ids, layout.corpus)
+    sketches.check_ids(corpus)
     codes, domain_names = corpus.domain_codes()
     results = read_results(layout.retrain)
     seed = ctx.config.seed("retrain")

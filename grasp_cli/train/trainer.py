@@ -103,7 +103,9 @@ def num_examples(data: Data) -> int:
 
 def check_indices(indices: np.ndarray, n_examples: int) -> np.ndarray:
     """The subset as sorted, unique int64 row indices into ``data``; raises on empty or out of range."""
-    indices = np.unique(np.asarray(indices, dtype=np.int64))
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size > 1 and not (indices[1:] > indices[:-1]).all():  # sorted unique: no copy
+        indices = np.unique(indices)
     if indices.size == 0:
         raise ValueError("cannot train on an empty subset")
     if indices[0] < 0 or indices[-1] >= n_examples:
