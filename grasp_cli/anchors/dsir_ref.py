@@ -92,7 +92,9 @@ def dsir_reference(
         weights = (
             np.concatenate(
                 [
-                    np.load(root / "cache" / "log_importance_weights" / f"{i}.npy")
+                    np.load(
+                        root / "cache" / "log_importance_weights" / f"{i}.npy", allow_pickle=False
+                    )
                     for i in range(len(raw))
                 ]
             )

@@ -398,7 +398,8 @@ class Corpus:
     """A corpus folder opened for reading without loading it.
 
     Opening reads the Parquet footers only (row counts, schemas: a missing or mistyped column
-    is an ``InputError`` naming the shard). Then:
+    is an ``InputError`` naming the shard) and checks the ids unique (streamed when they
+    increase, as ``prepare`` writes them). Then:
 
     - ``ids`` ``[N]`` int64 (read and checked unique on first use), ``iter_ids()`` (shard by
       shard) and ``domain_codes()`` (the narrowest integer codes, sorted names): columns only;
@@ -432,23 +433,36 @@ class Corpus:
         self._ids: np.ndarray | None = None
         self._order: np.ndarray | None = None  # argsort of ids, made when positions() is asked
         self._stores: dict[str, RowFile] | None = None
+        self._check_unique_ids()
 
     def __len__(self) -> int:
         return int(self.part_starts[-1])
 
     @property
     def ids(self) -> np.ndarray:
-        """int64 ``[N]``, every row's id (read, and checked unique, when first asked: stages
-        that only stream the corpus never hold ``N`` ids; ``iter_ids`` reads them per shard)."""
+        """int64 ``[N]``, every row's id (read when first asked: stages that only stream the
+        corpus never hold ``N`` ids; ``iter_ids`` reads them shard by shard)."""
         if self._ids is None:
-            ids = read_columns(self.folder, ["id"])["id"].astype(np.int64)
-            sorted_ids = np.sort(ids)
-            repeated = sorted_ids[1:] == sorted_ids[:-1]
-            if repeated.any():
-                dupes = np.unique(sorted_ids[1:][repeated])[:5].tolist()
-                raise InputError(f"{self.folder}: duplicate ids {dupes}; ids must be unique")
-            self._ids = ids
+            self._ids = read_columns(self.folder, ["id"])["id"].astype(np.int64)
         return self._ids
+
+    def _check_unique_ids(self) -> None:
+        """Ids must be unique. ``prepare`` numbers rows in increasing order, which a streamed
+        pass confirms holding one shard's ids; any other order is checked by sorting them all."""
+        last = None
+        for _, ids in self.iter_ids():
+            if len(ids) == 0:
+                continue
+            if (ids[1:] <= ids[:-1]).any() or (last is not None and ids[0] <= last):
+                break
+            last = ids[-1]
+        else:
+            return
+        sorted_ids = np.sort(self.ids)
+        repeated = sorted_ids[1:] == sorted_ids[:-1]
+        if repeated.any():
+            dupes = np.unique(sorted_ids[1:][repeated])[:5].tolist()
+            raise InputError(f"{self.folder}: duplicate ids {dupes}; ids must be unique")
 
     def iter_ids(self) -> Iterator[tuple[int, np.ndarray]]:
         """``(first row, int64 ids)`` of each shard in row order: one shard's ids held."""
