@@ -298,6 +298,34 @@ def test_streaming_top_b_matches_a_full_sort_with_ties_and_caps():
     np.testing.assert_array_equal(top.rows()[:, 0], idx)
 
 
+@pytest.mark.parametrize("with_caps", [False, True])
+def test_a_floor_from_rows_held_prunes_the_pass_without_changing_it(with_caps):
+    from grasp_cli.select.stream import _score_floor, _top_b_pass
+
+    rng = np.random.default_rng(12)
+    n, k, budget, pool = 5000, 8, 300, 700
+    phi = rng.integers(-2, 3, size=(n, k)).astype(np.float32)  # many tied scores
+    direction = rng.normal(size=k)
+    domains = rng.integers(0, 4, n)
+    caps = np.array([40, 200, 120, 90]) if with_caps else None
+    plain = _top_b_pass(phi, direction, budget, domains, caps, 512, False, False, "", pool)
+    held = np.sort(rng.choice(n, 1500, replace=False))  # a subset "in memory"
+    scores = (phi[held] @ direction.astype(np.float32)).astype(np.float64)
+    margin = (
+        4 * k * np.finfo(np.float32).eps * np.abs(phi).sum(axis=1).max() * np.abs(direction).max()
+    )
+    floors = (
+        _score_floor(scores, budget, margin, domains[held], caps),
+        _score_floor(scores, pool, margin),
+    )
+    assert all(np.isfinite(floors))
+    pruned = _top_b_pass(
+        phi, direction, budget, domains, caps, 512, False, False, "", pool, floors=floors
+    )
+    for a, b in zip(plain, pruned, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_trak_top_b_streams_the_full_sort_with_ties_across_blocks():
     from grasp_cli.select.stage import streamed_top_rows
 

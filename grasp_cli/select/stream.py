@@ -58,12 +58,21 @@ class StreamingTopB:
     that leaves the set frees its slot for one that enters), so memory stays O(budget·k).
     """
 
-    def __init__(self, budget: int, caps: np.ndarray | None = None, keep_rows: bool = True) -> None:
+    def __init__(
+        self,
+        budget: int,
+        caps: np.ndarray | None = None,
+        keep_rows: bool = True,
+        floor: float = -np.inf,
+    ) -> None:
+        """``floor``: a score no member of the final set is below (known from rows seen
+        before, see ``_score_floor``); rows under it are dropped on arrival, unchanged result."""
         if budget < 1:
             raise ValueError(f"budget must be positive, got {budget}")
         self.budget = budget
         self.caps = caps
         self.keep_rows = keep_rows
+        self.floor = float(floor)
         # the running set, in increasing row index
         self.idx = np.empty(0, dtype=np.int64)
         self.score = np.empty(0, dtype=np.float64)
@@ -86,8 +95,9 @@ class StreamingTopB:
         idx = np.asarray(idx, dtype=np.int64)
         score = np.asarray(score, dtype=np.float64)
         cand = np.arange(len(idx))
-        if len(self.idx) >= budget:  # nothing below the current B-th score can enter
-            cand = cand[score >= self.score.min()]
+        least = self.score.min() if len(self.idx) >= budget else -np.inf
+        if max(least, self.floor) > -np.inf:  # nothing below the B-th score can enter
+            cand = cand[score >= max(least, self.floor)]
         if len(cand) == 0:
             return
         n_old = len(self.idx)
@@ -167,16 +177,18 @@ def _top_b_pass(
     progress: bool,
     desc: str,
     pool: int = 0,
+    floors: tuple[float, float] = (-np.inf, -np.inf),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One pass over ``phi`` scoring every row by ``φ_i · direction``.
 
     Returns the top-B within caps ``(indices, scores, rows [B, k])`` and, when ``pool`` >
     ``budget``, also the top-``pool`` rows ignoring caps ``(pool indices, pool rows)`` (extra
-    candidate rows for the in-memory solve); otherwise those repeat the top-B.
+    candidate rows for the in-memory solve); otherwise those repeat the top-B. ``floors``:
+    scores the top-B and the pool cannot fall below (``_score_floor``), or -inf.
     """
     k = len(direction)
-    top = StreamingTopB(budget, caps=caps, keep_rows=True)
-    wide = StreamingTopB(pool, keep_rows=True) if pool > budget else None
+    top = StreamingTopB(budget, caps=caps, keep_rows=True, floor=floors[0])
+    wide = StreamingTopB(pool, keep_rows=True, floor=floors[1]) if pool > budget else None
     dir32 = direction.astype(np.float32)
     for start, block in iter_blocks(
         phi, block_rows, k, prefetch=prefetch, progress=progress, desc=desc
@@ -198,6 +210,43 @@ def _top_b_pass(
         return pool_idx[:budget], pool_scores[:budget], pool_rows[:budget], pool_idx, pool_rows
     indices, scores = top.result()
     return indices, scores, top.rows(), pool_idx, pool_rows
+
+
+def _max_l1(rows: np.ndarray) -> float:
+    """``max_i ‖rows_i‖₁`` (0 for no rows), a chunk of rows at a time."""
+    best = 0.0
+    for start in range(0, len(rows), _COPY_ROWS):
+        part = np.abs(rows[start : start + _COPY_ROWS]).sum(axis=1, dtype=np.float64)
+        best = max(best, float(part.max()))
+    return best
+
+
+def _score_floor(
+    scores: np.ndarray,
+    count: int,
+    margin: float,
+    dom: np.ndarray | None = None,
+    caps: np.ndarray | None = None,
+) -> float:
+    """A score the top-``count`` (within caps) of a superset of these rows cannot fall below.
+
+    For any threshold t, the number of rows the capped top-B takes at score >= t is
+    ``Σ_d min(cap_d, #{i in d: score_i >= t})``, which only grows when rows are added; so the
+    B-th score over all rows is at least the B-th over any subset of them (here: the rows held
+    in memory, scored with this pass's direction). Rows scoring below it can be dropped as they
+    stream in. ``margin`` lowers it by what float32 products of the same rows computed with
+    another blocking can differ by; -inf when fewer than ``count`` rows qualify.
+    """
+    if len(scores) < count or count < 1:
+        return -np.inf
+    if caps is None:
+        kth = float(np.partition(scores, len(scores) - count)[len(scores) - count])
+    else:
+        chosen = _top_b_in_memory((np.arange(len(scores)), -scores), count, dom, caps)
+        if len(chosen) < count:
+            return -np.inf
+        kth = float(scores[chosen].min())
+    return kth - margin
 
 
 def _gather_rows(wanted: np.ndarray, *sources: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -248,10 +297,14 @@ def _vertex(
 
 
 def _rows_dot(rows: np.ndarray, weights: np.ndarray, chunk: int = _COPY_ROWS) -> np.ndarray:
-    """``rowsᵀ @ weights`` in float64, converting ``rows`` a chunk at a time."""
+    """``rowsᵀ @ weights``: float32 products within a chunk of rows (the rows are float32),
+    chunks summed in float64 — relative error ~1e-6, 4-5× faster than converting the rows
+    to float64 (the in-memory solve calls this every iteration; final values of integer sets
+    use ``_sum_rows``, exact in float64)."""
     out = np.zeros(rows.shape[1])
+    w32 = np.asarray(weights, dtype=np.float32)
     for start in range(0, len(rows), chunk):
-        out += rows[start : start + chunk].T.astype(np.float64) @ weights[start : start + chunk]
+        out += (w32[start : start + chunk] @ rows[start : start + chunk]).astype(np.float64)
     return out
 
 
@@ -389,6 +442,7 @@ def stream_select(
         extra_rows = max(budget, 1024)
 
     support = np.empty(0, dtype=np.int64)  # row indices held in memory (unique, unsorted)
+    row_l1 = 0.0  # largest ‖φ_i‖₁ among them (bounds float32 rounding of their scores)
     rows = np.empty((0, k), dtype=np.float32)
     x = np.empty(0)
     s = np.zeros(k)
@@ -404,6 +458,16 @@ def stream_select(
 
     for it in range(max_iters):
         grad = objective.gradient(s)
+        floors = (-np.inf, -np.inf)
+        if len(support):  # the rows in memory bound this pass's cut-offs from below
+            held = (rows @ grad.astype(np.float32)).astype(np.float64)
+            held_dom = None if domains is None else domains[support]
+            # |float32 dot − exact| <= k·ε·Σ_j |φ_ij g_j| <= k·ε·‖φ_i‖₁‖g‖∞, for either product
+            margin = 4.0 * k * float(np.finfo(np.float32).eps) * row_l1 * np.abs(grad).max()
+            floors = (
+                _score_floor(held, budget, margin, held_dom, caps),
+                _score_floor(held, min(n, budget + extra_rows), margin),
+            )
         v_idx, v_scores, v_rows, p_idx, p_rows = _top_b_pass(
             phi,
             grad,
@@ -415,6 +479,7 @@ def stream_select(
             progress,
             f"select pass {it + 1}",
             pool=min(n, budget + extra_rows),
+            floors=floors,
         )
         s_vertex = _sum_rows(v_rows)
         vertex_value = float(objective.value(s_vertex))
@@ -439,6 +504,7 @@ def stream_select(
             break
         # append the new rows (x = 0 there); the support is not kept sorted (no big reshuffle)
         new_rows = _gather_rows(fresh_rows, (v_idx, v_rows), (p_idx, p_rows))
+        row_l1 = max(row_l1, _max_l1(new_rows))
         support = np.concatenate([support, fresh_rows])
         rows = np.concatenate([rows, new_rows]) if len(rows) else new_rows
         x = np.concatenate([x, np.zeros(len(fresh_rows))])
