@@ -9,8 +9,10 @@ cheap; memory per row is what is measured). Every stage runs through the real CL
 process, and its peak resident memory is read from the kernel for that process alone
 (``os.wait4``): what a user's job would need. Reported:
 
-- peak RSS of prepare, sketch, retrain-subsets, fit-surrogate, score, select and the
-  streamed ``select --export`` at N and factor·N, and the growth ``peak(10N) / peak(N) - 1``.
+- peak RSS of prepare, sketch, retrain-subsets, fit-surrogate, score, select, select without
+  the ``dsir-ref`` curation selector (``select-own``: the authors' DSIR package holds N weights
+  and N random keys by its design) and the streamed ``select --export`` at N and factor·N, and
+  the growth ``peak(10N) / peak(N) - 1``.
   Stages hold fixed-size buffers (a row group, a sketch chunk, two 65,536-row blocks of the
   sketch array, B selected rows), so N must exceed them (the default does) for the growth to
   show what is held per corpus row; ``select.budget`` is a fixed count for the same reason;
@@ -43,7 +45,28 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STAGES = ["prepare", "sketch", "retrain-subsets", "fit-surrogate", "score", "select", "export"]
+STAGES = [
+    "prepare",
+    "sketch",
+    "retrain-subsets",
+    "fit-surrogate",
+    "score",
+    "select",
+    "select-own",
+    "export",
+]
+# select-own: select with every curation selector but dsir-ref, whose memory is the authors'
+# data-selection package's (it concatenates N log weights and draws N Gumbel keys)
+OWN_SELECTORS = [
+    "grasp-trust",
+    "random",
+    "additive",
+    "trak",
+    "domain-match",
+    "regmix",
+    "dsir",
+    "whole",
+]
 WORDS = (
     "the of and to in is that for it as was with be by on not he this are or his from at "
     "which but have an they you were her she there been one all we their has would when if "
@@ -173,6 +196,14 @@ def grasp_command(stage: str, config: Path, run: Path, inputs: Path) -> list[str
     base = [sys.executable, "-m", "grasp_cli.cli"]
     if stage == "prepare":
         return [*base, "prepare", str(inputs), "--config", str(config), "--run", str(run)]
+    if stage == "select-own":
+        own = config.with_name("recipe-own.toml")
+        own.write_text(
+            config.read_text().replace(
+                "[select]\n", f"[select]\ncuration_selectors = {json.dumps(OWN_SELECTORS)}\n"
+            )
+        )
+        return [*base, "select", "--config", str(own), "--run", str(run), "--quiet", "--force"]
     if stage == "export":
         export = run.parent / f"{run.name}-export"
         shutil.rmtree(export, ignore_errors=True)

@@ -377,3 +377,7 @@ def test_repeats_table_counts_slots_that_repeat_content_already_selected():
     assert table["corpus"] == {"rows": 5, "slots": 2, "share": 2 / 5}
     assert table["a"] == {"rows": 3, "slots": 2, "share": 2 / 3}
     assert table["b"] == {"rows": 3, "slots": 0, "share": 0.0}
+    many = np.random.default_rng(3).integers(0, 90_000, 150_000).astype(np.uint64)  # 3 blocks
+    expected = len(many) - len(np.unique(many))
+    assert repeats_table(many.copy(), {})["corpus"]["slots"] == expected
+    assert repeats_table(np.array([7], dtype=np.uint64), {})["corpus"]["slots"] == 0

@@ -19,6 +19,7 @@ Nothing is moved out of the staging folder, so a final step killed at any point 
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 from collections.abc import Iterator
@@ -521,15 +522,44 @@ def _write_task(plan: Plan, rows: _Rows, path: Path, unit_limit: dict) -> tuple[
 # ---------------------------------------------------------------- checks over the whole input
 
 
-def _ledger_runs(shard_dirs: list[Path]) -> list[np.ndarray]:
+class LedgerRun:
+    """One ledger run (a ``.npy`` of ``LEDGER_DTYPE`` entries) mapped read-only.
+
+    Pages of a file mapping stay in the process's resident set for as long as they are
+    mapped, so a pass over every run would leave the whole ledger (32 bytes a document)
+    counted against the job; ``release()`` drops the pages read so far (the file stays
+    mapped, later reads fault them back in)."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+            if fortran or len(shape) != 1 or dtype.hasobject:
+                raise InputError(f"{path}: not a prepare ledger run")
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        self.entries = np.frombuffer(self._map, dtype=dtype, count=shape[0], offset=offset)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def release(self) -> None:
+        if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+
+def _ledger_runs(shard_dirs: list[Path]) -> list[LedgerRun]:
     return [
-        np.load(path, mmap_mode="r", allow_pickle=False)
-        for d in shard_dirs
-        for path in sorted((d / "ledger").glob("run-*.npy"))
+        LedgerRun(path) for d in shard_dirs for path in sorted((d / "ledger").glob("run-*.npy"))
     ]
 
 
-BUCKET_ENTRIES = 1 << 20  # ledger entries compared at once (32 bytes each: 32 MiB)
+BUCKET_ENTRIES = 1 << 16  # ledger entries compared or scanned at once (32 bytes each: 2 MiB)
 
 
 def _check_duplicates(plan: Plan, shard_dirs: list[Path]) -> None:
@@ -547,7 +577,8 @@ def _check_duplicates(plan: Plan, shard_dirs: list[Path]) -> None:
     suspects: list[tuple[int, int]] = []
     for low, high in zip(edges[:-1], edges[1:], strict=True):
         pieces = []
-        for run in runs:
+        for ledger in runs:
+            run = ledger.entries
             ids = run["id"]
             lo = int(np.searchsorted(ids, np.uint64(low), side="left"))
             hi = (
@@ -556,7 +587,8 @@ def _check_duplicates(plan: Plan, shard_dirs: list[Path]) -> None:
                 else int(np.searchsorted(ids, np.uint64(high), side="left"))
             )
             if hi > lo:
-                pieces.append(np.asarray(run[lo:hi]))
+                pieces.append(np.array(run[lo:hi]))
+            ledger.release()
         if not pieces:
             continue
         entries = np.sort(np.concatenate(pieces), order=["id", "unit"])
@@ -584,11 +616,20 @@ def _warn_leakage(plan: Plan, shard_dirs: list[Path], task_digests: dict[str, li
     from grasp_cli.prepare.split import warn_verbatim_overlap
 
     runs = _ledger_runs(shard_dirs)
+
+    def chunks():  # every run in chunks of BUCKET_ENTRIES, copied, pages released
+        for ledger in runs:
+            for start in range(0, len(ledger), BUCKET_ENTRIES):
+                yield np.array(ledger.entries[start : start + BUCKET_ENTRIES])
+                ledger.release()
+
+    held_out: dict[int, list[np.ndarray]] = {role: [] for role in range(len(plan.holdout))}
+    for chunk in chunks():
+        for role, texts in held_out.items():
+            texts.append(chunk["text"][chunk["role"] == role])
     per_task: dict[str, np.ndarray] = {}
     for role, domain in enumerate(plan.holdout):
-        per_task[domain] = np.concatenate(
-            [np.asarray(r["text"][r["role"] == role]) for r in runs] or [np.zeros(0, np.uint64)]
-        )
+        per_task[domain] = np.concatenate(held_out[role] or [np.zeros(0, np.uint64)])
     for name, digests in task_digests.items():
         per_task[name] = np.array(
             [int.from_bytes(d[:8], "little") for d in digests if d], dtype=np.uint64
@@ -597,11 +638,9 @@ def _warn_leakage(plan: Plan, shard_dirs: list[Path], task_digests: dict[str, li
     if not len(wanted):
         return
     found = []
-    for run in runs:
-        for start in range(0, len(run), BUCKET_ENTRIES):
-            chunk = np.asarray(run[start : start + BUCKET_ENTRIES])
-            texts = chunk["text"][chunk["role"] == CORPUS_ROLE]
-            found.append(texts[np.isin(texts, wanted)])
+    for chunk in chunks():
+        texts = chunk["text"][chunk["role"] == CORPUS_ROLE]
+        found.append(texts[np.isin(texts, wanted)])
     shared = np.unique(np.concatenate(found)) if found else np.zeros(0, np.uint64)
     warn_verbatim_overlap(
         {name: (int(np.isin(texts, shared).sum()), len(texts)) for name, texts in per_task.items()}

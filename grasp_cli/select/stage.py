@@ -8,7 +8,7 @@ selection and the additive top-B selection of the same size.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,25 +170,33 @@ def choose(
         extra["selections"] = {name: int(len(r)) for name, r in curation.items()}
         if curation_data is not None and curation_data.content is not None:
             chosen = {name: rows for name, rows in curation.items() if name != "whole"}
-            extra["repeats"] = repeats_table(curation_data.content, chosen)
+            # hashed after every selection is made, and sorted in place last: 8 bytes a row
+            extra["repeats"] = repeats_table(curation_data.content(), chosen)
     return SelectOutputs(selection, budget, curation, extra)
 
 
 def repeats_table(content: np.ndarray, selections: dict[str, np.ndarray]) -> dict[str, dict]:
     """Per selection (and the corpus): ``slots`` spent on rows whose content another selected
     row already has, and their ``share`` of the selection — what a selector that models
-    redundancy should keep low when the corpus repeats itself."""
+    redundancy should keep low when the corpus repeats itself. Sorts ``content`` in place."""
     from grasp_cli.select.curation import repeated_share
 
     out = {}
-    for name, rows in {"corpus": None, **selections}.items():
+    for name, rows in selections.items():
         slots, share = repeated_share(content, rows)
-        out[name] = {
-            "rows": len(content) if rows is None else len(rows),
-            "slots": slots,
-            "share": share,
-        }
-    return out
+        out[name] = {"rows": len(rows), "slots": slots, "share": share}
+    content.sort()  # in place (the caller's array): the corpus's repeats without a copy
+    n = len(content)
+    changes = sum(  # adjacent sorted values that differ, compared a block at a time
+        int(np.count_nonzero(content[lo + 1 : hi + 1] != content[lo:hi]))
+        for lo, hi in ((lo, min(lo + 65536, n - 1)) for lo in range(0, n - 1, 65536))
+    )
+    distinct = changes + 1 if n else 0
+    slots = len(content) - distinct
+    return {
+        "corpus": {"rows": len(content), "slots": slots, "share": slots / max(len(content), 1)},
+        **out,
+    }
 
 
 class RowTexts:
@@ -220,7 +228,7 @@ class CurationData:
     trak_rows: Any  # Q_i ψ_i rows (streamable) or None
     dirichlet_alpha: float
     open_rows: np.ndarray | None = None  # the closed loop's first proposal (open-loop GRASP)
-    content: np.ndarray | None = None  # uint64 [N]: a hash of each row's tokens or pixels
+    content: Callable[[], np.ndarray] | None = None  # uint64 [N] row hashes, computed when asked
 
 
 def curation_selections(
@@ -378,7 +386,7 @@ def task_objective_weights(stored: StoredSurrogate, section: Any) -> np.ndarray:
 
 def load_curation_data(ctx: StageContext, inputs: SelectInputs) -> CurationData:
     """Task domains, row texts (text corpora) and TRAK's rows, for the curation selectors."""
-    from grasp_cli.artifacts.examples import iter_example_blocks, read_tasks
+    from grasp_cli.artifacts.examples import read_tasks
     from grasp_cli.select.dsir import row_text
 
     layout = ctx.layout
@@ -392,10 +400,6 @@ def load_curation_data(ctx: StageContext, inputs: SelectInputs) -> CurationData:
     pad = manifest.extra.get("pad_id", BYTE_PAD_ID)
     byte_vocab = vocab <= BYTE_VOCAB_SIZE
     texts = RowTexts(layout.corpus, len(inputs.ids), pad, byte_vocab) if is_text else None
-    content = np.zeros(len(inputs.ids), dtype=np.uint64)
-    for start, block in iter_example_blocks(layout.corpus, 0, len(inputs.ids), 4096):
-        rows = block.fields["tokens"] if is_text else block.fields["image"]
-        content[start : start + len(rows)] = row_hashes(rows)
     if is_text:
         task_texts = {
             name: [row_text(row, pad, byte_vocab) for row in examples.fields["tokens"]]
@@ -418,8 +422,19 @@ def load_curation_data(ctx: StageContext, inputs: SelectInputs) -> CurationData:
         trak_rows,
         ctx.config.subsets.dirichlet_alpha,
         open_rows,
-        content,
+        lambda: corpus_row_hashes(layout.corpus, len(inputs.ids), is_text),
     )
+
+
+def corpus_row_hashes(corpus: Path, n: int, is_text: bool) -> np.ndarray:
+    """uint64 ``[N]``: ``row_hashes`` of every corpus row (tokens or pixels), streamed."""
+    from grasp_cli.artifacts.examples import iter_example_blocks
+
+    content = np.zeros(n, dtype=np.uint64)
+    for start, block in iter_example_blocks(corpus, 0, n, 4096):
+        rows = block.fields["tokens"] if is_text else block.fields["image"]
+        content[start : start + len(rows)] = row_hashes(rows)
+    return content
 
 
 def row_hashes(rows: np.ndarray) -> np.ndarray:
