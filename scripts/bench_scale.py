@@ -52,11 +52,12 @@ STAGES = [
     "fit-surrogate",
     "score",
     "select",
-    "select-own",
     "export",
+    "select-own",
 ]
 # select-own: select with every curation selector but dsir-ref, whose memory is the authors'
-# data-selection package's (it concatenates N log weights and draws N Gumbel keys)
+# data-selection package's (it concatenates N log weights and draws N Gumbel keys). Last: the
+# run remembers its selectors, and select and export measure the default ones.
 OWN_SELECTORS = [
     "grasp-trust",
     "random",
