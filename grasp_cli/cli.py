@@ -24,7 +24,7 @@ from grasp_cli.artifacts.shards import resolve_shard
 from grasp_cli.config import config_changes, describe, load_config, parse_overrides
 from grasp_cli.context import StageContext
 from grasp_cli.errors import GraspError, UsageError, first_line
-from grasp_cli.memory import release_freed_blocks
+from grasp_cli.memory import STREAMING_STAGES, release_freed_blocks
 from grasp_cli.stages import STAGES, Flag, Stage
 
 app = typer.Typer(
@@ -180,6 +180,8 @@ def run_stage(stage: Stage, flags: dict[str, Any]) -> None:
     if flags.get("dry_run"):
         typer.echo(dry_run_text(stage, ctx, stage_flags))
         return
+    if stage.name in STREAMING_STAGES:  # freed stream blocks go back to the OS (memory.py)
+        release_freed_blocks()
     result = stage.function()(ctx, **stage.run_flags(stage_flags))
     text, code = result if isinstance(result, tuple) else (result, 0)
     if stage.writes_artifacts and code == 0:
@@ -229,7 +231,6 @@ for _stage in STAGES:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn library errors into one line and an exit code."""
     debug = os.environ.get("GRASP_DEBUG", "") not in ("", "0")
-    release_freed_blocks()  # freed stream blocks go back to the OS (grasp_cli/memory.py)
     try:
         # Outside standalone mode, typer *returns* the exit code of an Exit (Ctrl-C is Exit(130)).
         code = app(args=argv, standalone_mode=False)
