@@ -58,16 +58,15 @@ STAGES = [
 # select-own: select with every curation selector but dsir-ref, whose memory is the authors'
 # data-selection package's (it concatenates N log weights and draws N Gumbel keys). Last: the
 # run remembers its selectors, and select and export measure the default ones.
-OWN_SELECTORS = [
-    "grasp-trust",
-    "random",
-    "additive",
-    "trak",
-    "domain-match",
-    "regmix",
-    "dsir",
-    "whole",
-]
+
+
+def own_selectors() -> list[str]:
+    """The default curation selectors but ``dsir-ref``."""
+    from grasp_cli.config import SelectSection
+
+    return [name for name in SelectSection().curation_selectors if name != "dsir-ref"]
+
+
 WORDS = (
     "the of and to in is that for it as was with be by on not he this are or his from at "
     "which but have an they you were her she there been one all we their has would when if "
@@ -201,7 +200,7 @@ def grasp_command(stage: str, config: Path, run: Path, inputs: Path) -> list[str
         own = config.with_name("recipe-own.toml")
         own.write_text(
             config.read_text().replace(
-                "[select]\n", f"[select]\ncuration_selectors = {json.dumps(OWN_SELECTORS)}\n"
+                "[select]\n", f"[select]\ncuration_selectors = {json.dumps(own_selectors())}\n"
             )
         )
         return [*base, "select", "--config", str(own), "--run", str(run), "--quiet", "--force"]

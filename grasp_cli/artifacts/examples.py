@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -642,6 +642,18 @@ def _checked_schema(metadata: pq.FileMetaData, path: Path) -> tuple[str, tuple[i
 # ---------------------------------------------------------------- the row store
 
 
+def read_npy_header(handle: Any) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """``(shape, fortran_order, dtype, data offset)`` of the ``.npy`` file open at ``handle``."""
+    version = np.lib.format.read_magic(handle)
+    read_header = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
+    shape, fortran, dtype = read_header(handle)
+    return tuple(shape), bool(fortran), np.dtype(dtype), handle.tell()
+
+
 class RowFile:
     """One field of every corpus row in a flat ``.npy`` file, read by offset.
 
@@ -653,14 +665,7 @@ class RowFile:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         with open(self.path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(handle)
-            self.offset = handle.tell()
+            shape, fortran, dtype, self.offset = read_npy_header(handle)
         if fortran:
             raise InputError(f"{self.path}: not a C-ordered array")
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)

@@ -531,15 +531,10 @@ class LedgerRun:
     mapped, later reads fault them back in)."""
 
     def __init__(self, path: Path) -> None:
+        from grasp_cli.artifacts.examples import read_npy_header
+
         with open(path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(handle)
-            offset = handle.tell()
+            shape, fortran, dtype, offset = read_npy_header(handle)
             if fortran or len(shape) != 1 or dtype.hasobject:
                 raise InputError(f"{path}: not a prepare ledger run")
             self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)

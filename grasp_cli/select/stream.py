@@ -443,6 +443,7 @@ def stream_select(
 
     support = np.empty(0, dtype=np.int64)  # row indices held in memory (unique, unsorted)
     row_l1 = 0.0  # largest ‖φ_i‖₁ among them (bounds float32 rounding of their scores)
+    held_scores = np.empty(0, dtype=np.float32)  # their scores at the current s
     rows = np.empty((0, k), dtype=np.float32)
     x = np.empty(0)
     s = np.zeros(k)
@@ -460,7 +461,8 @@ def stream_select(
         grad = objective.gradient(s)
         floors = (-np.inf, -np.inf)
         if len(support):  # the rows in memory bound this pass's cut-offs from below
-            held = (rows @ grad.astype(np.float32)).astype(np.float64)
+            # ``held_scores``: rows @ ∇F(s) from the last rounding step, the same s and rows
+            held = held_scores.astype(np.float64)
             held_dom = None if domains is None else domains[support]
             # |float32 dot − exact| <= k·ε·Σ_j |φ_ij g_j| <= k·ε·‖φ_i‖₁‖g‖∞, for either product
             margin = 4.0 * k * float(np.finfo(np.float32).eps) * row_l1 * np.abs(grad).max()
@@ -516,7 +518,7 @@ def stream_select(
             objective, rows, x, budget, dom, caps, inner_iters, 0.1 * tol * scale_ref
         )
         # round the relaxed point: the B largest x (ties: larger linearized gain, lower index)
-        scores = rows @ objective.gradient(s).astype(np.float32)
+        scores = held_scores = rows @ objective.gradient(s).astype(np.float32)
         rounded = _top_b_in_memory((support, -scores, -x), budget, dom, caps)
         s_rounded = _sum_rows(rows, rounded)
         rounded_value = float(objective.value(s_rounded))
