@@ -113,3 +113,39 @@ def test_dsir_equals_the_data_selection_package(tmp_path):
     # take 80/200 = 40 % of its rows from the 80 target-like ones
     chosen = resample(ours, 40, seed=1)
     assert (chosen >= 120).mean() > 1.5 * 80 / 200
+
+
+def test_streamed_resample_picks_the_packages_rows(tmp_path):
+    """``package_resample_rows`` (a file at a time, O(B) memory) against the package's own
+    ``resample`` (all N weights and N Gumbel keys at once), on the same fitted estimator:
+    three targets with unequal shares of the budget, the corpus in 5 files, several seeds."""
+    import json
+
+    from grasp_cli.anchors.dsir_ref import fitted_package, package_resample_rows
+
+    rng = np.random.default_rng(1)
+    words = [f"w{i}" for i in range(30)]
+
+    def texts(bias_to, count):
+        p = np.ones(len(words))
+        p[bias_to] = 6.0
+        return [" ".join(rng.choice(words, 12, p=p / p.sum())) for _ in range(count)]
+
+    raw = texts(slice(0, 30), 150) + texts(slice(0, 8), 50) + texts(slice(20, 30), 50)
+    targets = {"a": texts(slice(0, 8), 10), "b": texts(slice(20, 30), 10), "c": texts(10, 10)}
+    ids = np.arange(1000, 1000 + len(raw))
+    with fitted_package(ids, iter(raw), targets, scratch=tmp_path, file_rows=60) as dsir:
+        # 249 of 250 rows: the last target takes all but one row left (the package fails at all)
+        for seed, budget in [(0, 31), (7, 90), (2**32 + 5, 249)]:
+            np.random.seed(seed % 2**32)
+            out = tmp_path / f"out-{seed}"
+            dsir.resample(out_dir=str(out), num_to_sample=budget)
+            theirs = sorted(
+                json.loads(line)["id"]
+                for path in sorted(out.glob("*.jsonl"))
+                for line in path.read_text().splitlines()
+                if line.strip()
+            )
+            ours = ids[package_resample_rows(dsir, budget, seed)]
+            assert len(ours) == budget
+            np.testing.assert_array_equal(ours, theirs)

@@ -2,19 +2,28 @@
 
 The rows (and each task's rows) are written as JSON lines ``{"id": ..., "text": ...}`` into a
 scratch folder (the corpus streamed into files of ``file_rows`` rows: the package holds one
-file's per-example weights at a time while computing them), the package fits its importance estimator on all tokens, computes the log
-importance weights, and resamples ``budget`` rows balanced over the tasks
-(``separate_targets=True`` with equal ``target_proportions``); the selected ids are read back
-from its output. ``min_example_length=0``: grasp's units are short fixed-length rows.
-The package draws its Gumbel noise from NumPy's global generator, which is seeded here.
+file's per-example weights at a time while computing them); the package fits its importance
+estimator on all tokens and computes the log importance weights, one ``.npy`` per file.
+``separate_targets=True`` with equal ``target_proportions``: ``budget`` rows balanced over the
+tasks. ``min_example_length=0``: grasp's units are short fixed-length rows.
+
+The resampling step is the package's ``resample`` replayed as a stream
+(:func:`package_resample_rows`): the package concatenates all N×T weights and draws N Gumbel
+keys at once (memory linear in the corpus), then re-reads the raw files to write the chosen
+rows. Its draw is ``np.random.gumbel(size=m)`` over the m rows still eligible, from NumPy's
+legacy generator seeded with ``seed``; MT19937 Gumbel draws are sequential, so drawing them file
+by file gives the same keys, and a running top-``B_t`` (``StreamingTopB``) over the same keys
+gives the same rows in O(B) memory. A test runs the package's own ``resample`` beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,20 +60,17 @@ def _write_raw_files(
     return paths
 
 
-def dsir_reference(
+@contextlib.contextmanager
+def fitted_package(
     ids: np.ndarray,
     texts: Iterable[str],
     target_texts: dict[str, Sequence[str]],
-    budget: int,
-    seed: int,
-    top_k: bool = False,
     scratch: Path | None = None,
     file_rows: int = 65_536,
-    with_weights: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(selected ids sorted, log importance weights ``[N, T]`` or None without
-    ``with_weights``) from ``data_selection``; ``texts`` (row i says ``texts[i]``) is read once,
-    as a stream."""
+) -> Iterator[Any]:
+    """The package's ``HashedNgramDSIR`` fitted on all tokens with its log importance weights
+    computed (one ``.npy`` per raw file), in a scratch folder removed on exit. ``texts``
+    (row i says ``texts[i]``) is read once, as a stream; targets are in sorted name order."""
     try:
         import data_selection as package
     except ImportError:
@@ -89,28 +95,83 @@ def dsir_reference(
         with quiet_stderr():  # the package draws tqdm bars; grasp reports its own progress
             dsir.fit_importance_estimator(num_tokens_to_fit="all")
             dsir.compute_importance_weights()
+        yield dsir
+
+
+def _package_shards(dsir: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per raw-file shard, in the package's order: ``(log weights [n_f, T] memory-mapped,
+    eligible [n_f] bool from the package's own metadata filter)``."""
+    shards = []
+    for shard in dsir._get_virtually_sharded_datasets(dsir.raw_datasets):
+        name = f"{shard['overall_idx']}.npy"
+        path = Path(dsir.log_importance_weights_dir) / name
+        weights = np.load(path, mmap_mode="r", allow_pickle=False)
+        meta = Path(dsir.perexample_metadata_dir) / name
+        eligible = np.ones(len(weights), dtype=bool)
+        if meta.exists():
+            lengths = np.load(meta, allow_pickle=False)
+            eligible = np.asarray(dsir.perexample_metadata_filter(lengths), dtype=bool)
+        shards.append((weights, eligible))
+    return shards
+
+
+def package_resample_rows(dsir: Any, budget: int, seed: int, top_k: bool = False) -> np.ndarray:
+    """Row positions (sorted) that ``dsir.resample(num_to_sample=budget, top_k=top_k)`` picks
+    after ``np.random.seed(seed)``, computed a file at a time in O(budget) memory.
+
+    As the package (``separate_targets``): target t takes ``B_t = int(B·p_t)`` rows (the last
+    takes the remainder), the top ``B_t`` of ``log w_it + G_i`` over the rows still eligible
+    (passing its metadata filter, not taken by an earlier target), ``G`` one Gumbel key per
+    eligible row in row order (none with ``top_k``). Same rows as the package; where keys tie
+    exactly (only possible with ``top_k``) the lower row wins, the package leaves it to
+    ``argpartition``.
+    """
+    from grasp_cli.select.stream import StreamingTopB
+
+    shards = _package_shards(dsir)
+    proportions = np.asarray(dsir.target_proportions, dtype=np.float64)
+    counts = [int(budget * p) for p in proportions]
+    counts[-1] += budget - sum(counts)
+    rng = np.random.RandomState(seed % (2**32))  # = the global generator after np.random.seed
+    taken = np.empty(0, dtype=np.int64)
+    for target, count in enumerate(counts):
+        if count == 0:
+            continue
+        top = StreamingTopB(count, keep_rows=False)
+        start = 0
+        for weights, eligible in shards:
+            rows = np.arange(start, start + len(weights), dtype=np.int64)
+            keep = eligible & ~np.isin(rows, taken, assume_unique=True)
+            keys = np.asarray(weights[:, target], dtype=np.float64)[keep]
+            if not top_k:
+                keys += rng.gumbel(size=keys.shape)
+            top.push(rows[keep], keys)
+            start += len(weights)
+        chosen, _ = top.result()
+        taken = np.union1d(taken, chosen)
+    return taken
+
+
+def dsir_reference(
+    ids: np.ndarray,
+    texts: Iterable[str],
+    target_texts: dict[str, Sequence[str]],
+    budget: int,
+    seed: int,
+    top_k: bool = False,
+    scratch: Path | None = None,
+    file_rows: int = 65_536,
+    with_weights: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(selected ids sorted, log importance weights ``[N, T]`` or None without
+    ``with_weights``) from ``data_selection``'s weights and its resampling rule
+    (:func:`package_resample_rows`); ``texts`` (row i says ``texts[i]``) is read once, as a
+    stream."""
+    with fitted_package(ids, texts, target_texts, scratch, file_rows) as dsir:
         weights = (
-            np.concatenate(
-                [
-                    np.load(
-                        root / "cache" / "log_importance_weights" / f"{i}.npy", allow_pickle=False
-                    )
-                    for i in range(len(raw))
-                ]
-            )
+            np.concatenate([w for w, _ in _package_shards(dsir)]).astype(np.float64)
             if with_weights
             else None
         )
-        state = np.random.get_state()
-        np.random.seed(seed % (2**32))
-        try:
-            with quiet_stderr():
-                dsir.resample(out_dir=str(root / "out"), num_to_sample=budget, top_k=top_k)
-        finally:
-            np.random.set_state(state)
-        chosen = []
-        for path in sorted((root / "out").glob("*.jsonl")):
-            with open(path, encoding="utf-8") as handle:
-                chosen += [json.loads(line)["id"] for line in handle if line.strip()]
-    weights = None if weights is None else np.asarray(weights, dtype=np.float64)
-    return np.sort(np.asarray(chosen, dtype=np.int64)), weights
+        rows = package_resample_rows(dsir, budget, seed, top_k)
+    return np.sort(np.asarray(ids, dtype=np.int64)[rows]), weights

@@ -184,8 +184,8 @@ class StreamingResample:
         taken: set[int] = set()
         chosen: list[int] = []
         for pool, count in zip(self.pools, self.counts, strict=True):
-            order = np.lexsort((pool.idx, -pool.score))  # best key first, ties: lower row
-            picked = [int(r) for r in pool.idx[order] if int(r) not in taken][:count]
+            ranked, _ = pool.result()  # best key first, ties: lower row
+            picked = [int(r) for r in ranked if int(r) not in taken][:count]
             taken.update(picked)
             chosen += picked
         return np.sort(np.asarray(chosen, dtype=np.int64))

@@ -359,7 +359,7 @@ def streamed_top_rows(rows: Any, direction: np.ndarray, budget: int) -> np.ndarr
     best = StreamingTopB(budget, keep_rows=False)
     for start, block in iter_blocks(rows, 65536, len(direction)):
         best.push(np.arange(start, start + len(block)), block @ direction)
-    return np.sort(best.idx)
+    return np.sort(best.result()[0])
 
 
 def trust_region_caps(inputs: SelectInputs, budget: int, caps: np.ndarray | None) -> np.ndarray:

@@ -49,13 +49,45 @@ def _sum_rows(rows: np.ndarray, positions: np.ndarray | None = None) -> np.ndarr
     return total
 
 
+class HeldRows:
+    """Ranked rows held in a buffer: ``idx[j]`` (decreasing score, ties to the lower index),
+    ``scores[j]``, and its row ``buffer[slots[j]]``; nothing is copied until asked."""
+
+    def __init__(
+        self, idx: np.ndarray, scores: np.ndarray, buffer: np.ndarray, slots: np.ndarray
+    ) -> None:
+        self.idx, self.scores, self.buffer, self.slots = idx, scores, buffer, slots
+
+    def head(self, count: int) -> HeldRows:
+        """The first ``count`` (the top-``count`` by score)."""
+        return HeldRows(self.idx[:count], self.scores[:count], self.buffer, self.slots[:count])
+
+    def take(self, positions: np.ndarray | None = None) -> np.ndarray:
+        """``[m, k]`` float32 copy of the rows at ``positions`` (all, in rank order, when None)."""
+        slots = self.slots if positions is None else self.slots[positions]
+        out = np.empty((len(slots), self.buffer.shape[1]), dtype=self.buffer.dtype)
+        for start in range(0, len(slots), _COPY_ROWS):
+            np.take(
+                self.buffer,
+                slots[start : start + _COPY_ROWS],
+                axis=0,
+                out=out[start : start + _COPY_ROWS],
+            )
+        return out
+
+    def total(self) -> np.ndarray:
+        """``[k]`` float64 sum of the rows."""
+        return _sum_rows(self.buffer, self.slots)
+
+
 class StreamingTopB:
     """The top-``budget`` rows by score over a stream of blocks, optionally with per-domain caps.
 
     Blocks must arrive in increasing row order (as :func:`iter_blocks` yields them). Ties
-    break towards the lower row index, so the result does not depend on block sizes. With
-    ``keep_rows`` the rows of the running set live in a fixed ``[budget, k]`` buffer (a row
-    that leaves the set frees its slot for one that enters), so memory stays O(budget·k).
+    break towards the lower row index, so the result does not depend on block sizes. Members
+    live in fixed ``[budget]`` arrays (and, with ``keep_rows``, a ``[budget, k]`` row buffer):
+    a row that enters takes the place of one that leaves, so a block costs O(budget) work and
+    copies only the rows that enter, and memory stays O(budget·k).
     """
 
     def __init__(
@@ -73,13 +105,42 @@ class StreamingTopB:
         self.caps = caps
         self.keep_rows = keep_rows
         self.floor = float(floor)
-        # the running set, in increasing row index
-        self.idx = np.empty(0, dtype=np.int64)
-        self.score = np.empty(0, dtype=np.float64)
-        self.dom = np.empty(0, dtype=np.int64)
-        self.slot = np.empty(0, dtype=np.int64)  # buffer row of each member
-        self._buffer: np.ndarray | None = None
+        self.size = 0  # members: positions [0, size) of the arrays below, in no order
+        self._idx = np.empty(budget, dtype=np.int64)
+        self._score = np.empty(budget, dtype=np.float64)
+        self._dom = np.empty(budget, dtype=np.int64) if caps is not None else None
+        self._least = -np.inf  # the lowest member score once the set is full
+        self._buffer: np.ndarray | None = None  # row of member j at buffer[j]
         self._order: np.ndarray | None = None
+
+    def _decide(
+        self, score: np.ndarray, idx: np.ndarray, dom: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Positions of members that leave and of offered rows that enter (sorted by rank)."""
+        n_old, budget = self.size, self.budget
+        old_score = self._score[:n_old]
+        if self.caps is None and n_old + len(score) <= budget:
+            return np.empty(0, dtype=np.int64), np.arange(len(score))
+        all_score = np.concatenate([old_score, score])
+        if self.caps is not None:
+            all_idx = np.concatenate([self._idx[:n_old], idx])
+            all_dom = np.concatenate([self._dom[:n_old], dom])
+            order = np.lexsort((all_idx, -all_score))
+            order = order[_within_caps(all_dom[order], self.caps)]
+            keep = np.zeros(len(all_score), dtype=bool)
+            keep[order[:budget]] = True
+        else:
+            cut = np.partition(all_score, len(all_score) - budget)[len(all_score) - budget]
+            keep = all_score > cut
+            ties = np.flatnonzero(all_score == cut)
+            if len(ties) > budget - int(keep.sum()):  # the lowest row indices among the ties
+                old = ties < n_old
+                tie_idx = np.empty(len(ties), dtype=np.int64)
+                tie_idx[old] = self._idx[ties[old]]
+                tie_idx[~old] = idx[ties[~old] - n_old]
+                ties = ties[np.argsort(tie_idx, kind="stable")]
+            keep[ties[: budget - int(keep.sum())]] = True
+        return np.flatnonzero(~keep[:n_old]), np.flatnonzero(keep[n_old:])
 
     def push(
         self,
@@ -90,68 +151,55 @@ class StreamingTopB:
     ) -> None:
         """Offer rows ``idx`` [m] (increasing, after every row pushed before) with ``score`` [m],
         their ``rows`` [m, k] (with ``keep_rows``) and domain codes ``dom`` [m] (with caps)."""
-        budget = self.budget
-        self._order = None
-        idx = np.asarray(idx, dtype=np.int64)
         score = np.asarray(score, dtype=np.float64)
-        cand = np.arange(len(idx))
-        least = self.score.min() if len(self.idx) >= budget else -np.inf
-        if max(least, self.floor) > -np.inf:  # nothing below the B-th score can enter
-            cand = cand[score >= max(least, self.floor)]
+        bar = max(self._least, self.floor)  # nothing below the B-th score can enter
+        cand = np.flatnonzero(score >= bar) if bar > -np.inf else np.arange(len(score))
         if len(cand) == 0:
             return
-        n_old = len(self.idx)
-        all_score = np.concatenate([self.score, score[cand]])
-        all_dom = None
-        if self.caps is not None:
-            all_dom = np.concatenate([self.dom, np.asarray(dom, dtype=np.int64)[cand]])
-            keep = np.zeros(len(all_score), dtype=bool)
-            order = np.argsort(-all_score, kind="stable")  # positions are in row order already
-            order = order[_within_caps(all_dom[order], self.caps)]
-            keep[order[:budget]] = True
-        elif len(all_score) > budget:
-            cut = np.partition(all_score, len(all_score) - budget)[len(all_score) - budget]
-            keep = all_score > cut
-            ties = np.flatnonzero(all_score == cut)[: budget - int(keep.sum())]
-            keep[ties] = True  # the lowest row indices among the ties
-        else:
-            keep = np.ones(len(all_score), dtype=bool)
-        entered = cand[keep[n_old:]]
-        if self.keep_rows and len(entered):
+        self._order = None
+        idx = np.asarray(idx, dtype=np.int64)[cand]
+        score = score[cand]
+        dom = None if self.caps is None else np.asarray(dom, dtype=np.int64)[cand]
+        leave, enter = self._decide(score, idx, dom)
+        # the entering rows fill the leaving members' places, then the free ones
+        grow = len(enter) - len(leave)  # >= 0: the capped top-B never shrinks
+        places = np.concatenate([leave, np.arange(self.size, self.size + grow)])
+        self.size += grow
+        self._idx[places] = idx[enter]
+        self._score[places] = score[enter]
+        if self._dom is not None:
+            self._dom[places] = dom[enter]
+        if self.size == self.budget:
+            self._least = float(self._score.min())
+        if self.keep_rows and len(enter):
             if self._buffer is None:
-                self._buffer = np.empty((budget, rows.shape[1]), dtype=rows.dtype)
-            used = np.zeros(budget, dtype=bool)
-            used[self.slot[keep[:n_old]]] = True
-            new_slots = np.flatnonzero(~used)[: len(entered)]
-            for start in range(0, len(entered), _COPY_ROWS):
+                self._buffer = np.empty((self.budget, rows.shape[1]), dtype=rows.dtype)
+            for start in range(0, len(enter), _COPY_ROWS):
                 part = slice(start, start + _COPY_ROWS)
-                self._buffer[new_slots[part]] = rows[entered[part]]
-            self.slot = np.concatenate([self.slot[keep[:n_old]], new_slots])
-        self.idx = np.concatenate([self.idx, idx[cand]])[keep]
-        self.score = all_score[keep]
-        if all_dom is not None:
-            self.dom = all_dom[keep]
+                self._buffer[places[part]] = rows[cand[enter[part]]]
 
     def _score_order(self) -> np.ndarray:
-        if self._order is None or len(self._order) != len(self.score):
-            self._order = np.argsort(-self.score, kind="stable")
+        if self._order is None:
+            n = self.size
+            self._order = np.lexsort((self._idx[:n], -self._score[:n]))
         return self._order
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """``(indices [<=B], scores)`` by decreasing score (ties: lower index first)."""
         order = self._score_order()
-        return self.idx[order], self.score[order]
+        return self._idx[order], self._score[order]
+
+    def held(self) -> HeldRows:
+        """The members with their rows, in the order of :meth:`result` (no copy of the rows)."""
+        if not self.keep_rows:
+            raise RuntimeError("StreamingTopB(keep_rows=False) keeps no rows")
+        indices, scores = self.result()
+        buffer = self._buffer if self._buffer is not None else np.empty((0, 0), np.float32)
+        return HeldRows(indices, scores, buffer, self._score_order())
 
     def rows(self) -> np.ndarray:
         """``[<=B, k]`` the rows of the current top set, in the order of :meth:`result`."""
-        if not self.keep_rows:
-            raise RuntimeError("StreamingTopB(keep_rows=False) keeps no rows")
-        if self._buffer is None:
-            return np.empty((0, 0), dtype=np.float32)
-        slots = self.slot[self._score_order()]
-        if len(slots) == self.budget and np.array_equal(slots, np.arange(self.budget)):
-            return self._buffer
-        return self._buffer[slots]
+        return self.held().take()
 
 
 def _within_caps(dom_sorted: np.ndarray, caps: np.ndarray) -> np.ndarray:
@@ -178,13 +226,13 @@ def _top_b_pass(
     desc: str,
     pool: int = 0,
     floors: tuple[float, float] = (-np.inf, -np.inf),
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[HeldRows, HeldRows]:
     """One pass over ``phi`` scoring every row by ``φ_i · direction``.
 
-    Returns the top-B within caps ``(indices, scores, rows [B, k])`` and, when ``pool`` >
-    ``budget``, also the top-``pool`` rows ignoring caps ``(pool indices, pool rows)`` (extra
-    candidate rows for the in-memory solve); otherwise those repeat the top-B. ``floors``:
-    scores the top-B and the pool cannot fall below (``_score_floor``), or -inf.
+    Returns ``(vertex, pool)``: the top-B within caps and, when ``pool`` > ``budget``, the
+    top-``pool`` rows ignoring caps (extra candidate rows for the in-memory solve; otherwise
+    the vertex again), each with its rows. ``floors``: scores the top-B and the pool cannot
+    fall below (``_score_floor``), or -inf.
     """
     k = len(direction)
     top = StreamingTopB(budget, caps=caps, keep_rows=True, floor=floors[0])
@@ -201,15 +249,12 @@ def _top_b_pass(
             dom = None if domains is None else domains[start : start + len(block)]
             top.push(idx, scores, rows=block, dom=dom)
     if wide is None:
-        indices, scores = top.result()
-        rows = top.rows()
-        return indices, scores, rows, indices, rows
-    pool_idx, pool_scores = wide.result()
-    pool_rows = wide.rows()
+        vertex = top.held()
+        return vertex, vertex
+    held = wide.held()
     if caps is None:  # the top-B is the head of the wider pool
-        return pool_idx[:budget], pool_scores[:budget], pool_rows[:budget], pool_idx, pool_rows
-    indices, scores = top.result()
-    return indices, scores, top.rows(), pool_idx, pool_rows
+        return held.head(budget), held
+    return top.held(), held
 
 
 def _max_l1(rows: np.ndarray) -> float:
@@ -249,26 +294,23 @@ def _score_floor(
     return kth - margin
 
 
-def _gather_rows(wanted: np.ndarray, *sources: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """``[len(wanted), k]`` float32 rows for the row indices ``wanted`` (sorted, unique),
-    each found in one of ``sources`` = ``(indices, rows)`` pairs."""
-    k = sources[0][1].shape[1] if len(sources[0][1]) else 0
-    out = np.empty((len(wanted), k), dtype=np.float32)
-    found = np.zeros(len(wanted), dtype=bool)
-    for src_idx, src_rows in sources:
-        if len(src_idx) == 0:
-            continue
-        order = np.argsort(src_idx)
-        pos = np.minimum(np.searchsorted(src_idx, wanted, sorter=order), len(src_idx) - 1)
-        hit = (src_idx[order[pos]] == wanted) & ~found
-        targets = np.flatnonzero(hit)
-        for start in range(0, len(targets), _COPY_ROWS):
-            part = targets[start : start + _COPY_ROWS]
-            out[part] = src_rows[order[pos[part]]]
-        found |= hit
-    if not found.all():
-        raise AssertionError("internal: rows missing from the pass results")
-    return out
+def _fresh_rows(
+    support: np.ndarray, pool: HeldRows, vertex: HeldRows | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices [m] increasing, rows [m, k])`` of the pass's rows not in ``support``: the
+    pool's, and the ``vertex``'s not in the pool (when given: capped vertices may hold rows
+    the uncapped pool does not). One copy of each new row."""
+    parts = [(pool, np.flatnonzero(~np.isin(pool.idx, support, assume_unique=True)))]
+    if vertex is not None:
+        outside = ~np.isin(vertex.idx, support, assume_unique=True)
+        outside &= ~np.isin(vertex.idx, pool.idx, assume_unique=True)
+        parts.append((vertex, np.flatnonzero(outside)))
+    idx = np.concatenate([held.idx[pos] for held, pos in parts])
+    order = np.argsort(idx, kind="stable")
+    if len(parts) == 1:  # rows copied once, straight into row order
+        return idx[order], pool.take(parts[0][1][order])
+    rows = np.concatenate([held.take(pos) for held, pos in parts])
+    return idx[order], rows[order]
 
 
 def _top_b_in_memory(
@@ -470,7 +512,7 @@ def stream_select(
                 _score_floor(held, budget, margin, held_dom, caps),
                 _score_floor(held, min(n, budget + extra_rows), margin),
             )
-        v_idx, v_scores, v_rows, p_idx, p_rows = _top_b_pass(
+        vertex, pool = _top_b_pass(
             phi,
             grad,
             budget,
@@ -483,20 +525,19 @@ def stream_select(
             pool=min(n, budget + extra_rows),
             floors=floors,
         )
-        s_vertex = _sum_rows(v_rows)
+        s_vertex = vertex.total()
         vertex_value = float(objective.value(s_vertex))
         gap = float(grad @ (s_vertex - s))
         # the gap bounds F* − F(s) on the relaxation; tolerances are relative to F's gain
         scale_ref = abs((float(objective.value(s)) if it else vertex_value) - base_value)
-        fresh = ~np.isin(v_idx, support, assume_unique=True)
+        fresh = ~np.isin(vertex.idx, support, assume_unique=True)
         record = {
             "pass": float(it + 1),
             "vertex": vertex_value,
             "gap": gap,
             "new": float(fresh.sum()),
         }
-        fresh_rows = np.union1d(v_idx[fresh], p_idx[~np.isin(p_idx, support, assume_unique=True)])
-        consider(record["vertex"], v_idx, v_scores, s_vertex)
+        consider(record["vertex"], vertex.idx, vertex.scores, s_vertex)
         if it > 0 and (not fresh.any() or gap <= tol * scale_ref):
             record.update(
                 relaxed=float(objective.value(s)), rounded=history[-1]["rounded"], inner=0.0
@@ -504,14 +545,16 @@ def stream_select(
             history.append(record)
             converged = True
             break
-        # append the new rows (x = 0 there); the support is not kept sorted (no big reshuffle)
-        new_rows = _gather_rows(fresh_rows, (v_idx, v_rows), (p_idx, p_rows))
+        # append the new rows (x = 0 there), in row order within the pass; the support is not
+        # kept sorted (no big reshuffle). The pool holds the vertex's rows unless caps apply.
+        new_idx, new_rows = _fresh_rows(support, pool, None if caps is None else vertex)
         row_l1 = max(row_l1, _max_l1(new_rows))
-        support = np.concatenate([support, fresh_rows])
+        support = np.concatenate([support, new_idx])
         rows = np.concatenate([rows, new_rows]) if len(rows) else new_rows
-        x = np.concatenate([x, np.zeros(len(fresh_rows))])
+        del new_rows
+        x = np.concatenate([x, np.zeros(len(new_idx))])
         if it == 0:  # s = 0 is infeasible (Σx = 0): start at the first vertex
-            x[np.searchsorted(support, v_idx)] = 1.0
+            x[np.isin(support, vertex.idx)] = 1.0
             s = s_vertex.copy()
         dom = None if domains is None else domains[support]
         x, s, inner = _solve_restricted(
@@ -570,13 +613,13 @@ def additive_top_b(
     n = int(phi.shape[0])
     domains, caps = check_constraints(n, budget, domains, caps)
     direction = objective.scale * objective.mean_linear()
-    indices, scores, rows, _, _ = _top_b_pass(
+    vertex, _ = _top_b_pass(
         phi, direction, budget, domains, caps, block_rows, prefetch, progress, "additive"
     )
-    s = _sum_rows(rows)
+    s = vertex.total()
     return Selection(
-        indices=indices,
-        gains=scores.astype(np.float64),
+        indices=vertex.idx,
+        gains=vertex.scores.astype(np.float64),
         value=float(objective.value(s)),
         s=s,
         algorithm="additive",
