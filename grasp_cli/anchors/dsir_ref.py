@@ -98,20 +98,21 @@ def fitted_package(
         yield dsir
 
 
-def _package_shards(dsir: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per raw-file shard, in the package's order: ``(log weights [n_f, T] memory-mapped,
-    eligible [n_f] bool from the package's own metadata filter)``."""
+def _package_shards(dsir: Any) -> list[tuple[Path, int, np.ndarray]]:
+    """Per raw-file shard, in the package's order: ``(its log weights file [n_f, T], n_f,
+    eligible [n_f] bool from the package's own metadata filter)``. Weights are read when used:
+    pages of a file kept mapped would stay resident, N·T·8 bytes in all."""
     shards = []
     for shard in dsir._get_virtually_sharded_datasets(dsir.raw_datasets):
         name = f"{shard['overall_idx']}.npy"
         path = Path(dsir.log_importance_weights_dir) / name
-        weights = np.load(path, mmap_mode="r", allow_pickle=False)
+        rows = len(np.load(path, mmap_mode="r", allow_pickle=False))  # the header only
         meta = Path(dsir.perexample_metadata_dir) / name
-        eligible = np.ones(len(weights), dtype=bool)
+        eligible = np.ones(rows, dtype=bool)
         if meta.exists():
             lengths = np.load(meta, allow_pickle=False)
             eligible = np.asarray(dsir.perexample_metadata_filter(lengths), dtype=bool)
-        shards.append((weights, eligible))
+        shards.append((path, rows, eligible))
     return shards
 
 
@@ -139,14 +140,14 @@ def package_resample_rows(dsir: Any, budget: int, seed: int, top_k: bool = False
             continue
         top = StreamingTopB(count, keep_rows=False)
         start = 0
-        for weights, eligible in shards:
-            rows = np.arange(start, start + len(weights), dtype=np.int64)
+        for path, count_f, eligible in shards:
+            rows = np.arange(start, start + count_f, dtype=np.int64)
             keep = eligible & ~np.isin(rows, taken, assume_unique=True)
-            keys = np.asarray(weights[:, target], dtype=np.float64)[keep]
+            keys = np.load(path, allow_pickle=False)[:, target].astype(np.float64)[keep]
             if not top_k:
                 keys += rng.gumbel(size=keys.shape)
             top.push(rows[keep], keys)
-            start += len(weights)
+            start += count_f
         chosen, _ = top.result()
         taken = np.union1d(taken, chosen)
     return taken
@@ -169,7 +170,9 @@ def dsir_reference(
     stream."""
     with fitted_package(ids, texts, target_texts, scratch, file_rows) as dsir:
         weights = (
-            np.concatenate([w for w, _ in _package_shards(dsir)]).astype(np.float64)
+            np.concatenate(
+                [np.load(path, allow_pickle=False) for path, _, _ in _package_shards(dsir)]
+            )
             if with_weights
             else None
         )

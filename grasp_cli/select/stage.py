@@ -109,11 +109,16 @@ def load_select_inputs(ctx: StageContext) -> SelectInputs:
     return SelectInputs(stored, phi, sketches.ids, codes, names)
 
 
+# The curation check's "whole" corpus line stands for every row; its rows are never listed
+# (curation.parquet and the predictions leave it out), so none are held.
+WHOLE = np.empty(0, dtype=np.int64)
+
+
 @dataclass
 class SelectOutputs:
     selection: Selection
     budget: int
-    curation: dict[str, np.ndarray]  # selector name -> row indices (empty when off)
+    curation: dict[str, np.ndarray]  # selector name -> row indices (empty when off; WHOLE)
     extra: dict[str, Any]  # what the manifest records
 
 
@@ -167,7 +172,9 @@ def choose(
         )
         extra["curation_skipped"] = skipped
         extra["predicted_objective"] = predicted
-        extra["selections"] = {name: int(len(r)) for name, r in curation.items()}
+        extra["selections"] = {
+            name: int(n if name == "whole" else len(r)) for name, r in curation.items()
+        }
         if curation_data is not None and curation_data.content is not None:
             chosen = {name: rows for name, rows in curation.items() if name != "whole"}
             # hashed after every selection is made, and sorted in place last: 8 bytes a row
@@ -277,8 +284,8 @@ def curation_selections(
                 inputs.phi, objective, budget, inputs.codes, caps, section.block_rows
             )
             chosen[name] = np.sort(np.asarray(additive.indices))
-        elif name == "whole":
-            chosen[name] = np.arange(n)
+        elif name == "whole":  # every row: no row list held (an [N] array), see WHOLE
+            chosen[name] = WHOLE
         elif name == "trak":
             if "trak_directions" not in stored.baselines or data is None:
                 skipped[name] = "no fitted TRAK baseline"
