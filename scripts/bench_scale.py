@@ -10,8 +10,8 @@ process, and its peak resident memory is read from the kernel for that process a
 (``os.wait4``): what a user's job would need. Reported:
 
 - peak RSS of prepare, sketch, retrain-subsets, fit-surrogate, score, select, select without
-  the ``dsir-ref`` curation selector (``select-own``: the authors' DSIR package holds N weights
-  and N random keys by its design) and the streamed ``select --export`` at N and factor·N, and
+  the ``dsir-ref`` curation selector (``select-own``: grasp's own code only, the authors' DSIR
+  package computes its weights) and the streamed ``select --export`` at N and factor·N, and
   the growth ``peak(10N) / peak(N) - 1``.
   Stages hold fixed-size buffers (a row group, a sketch chunk, two 65,536-row blocks of the
   sketch array, B selected rows), so N must exceed them (the default does) for the growth to
@@ -55,9 +55,9 @@ STAGES = [
     "export",
     "select-own",
 ]
-# select-own: select with every curation selector but dsir-ref, whose memory is the authors'
-# data-selection package's (it concatenates N log weights and draws N Gumbel keys). Last: the
-# run remembers its selectors, and select and export measure the default ones.
+# select-own: select with every curation selector but dsir-ref, whose weights the authors'
+# data-selection package computes (its memory, not grasp's). Last: the run remembers its
+# selectors, and select and export measure the default ones.
 
 
 def own_selectors() -> list[str]:
