@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from grasp_cli.anchors import missing, quiet_stderr
+from grasp_cli.artifacts.examples import read_npy_header
 
 
 def _write_jsonl(path: Path, ids: Iterable[int], texts: Iterable[str]) -> None:
@@ -106,7 +107,8 @@ def _package_shards(dsir: Any) -> list[tuple[Path, int, np.ndarray]]:
     for shard in dsir._get_virtually_sharded_datasets(dsir.raw_datasets):
         name = f"{shard['overall_idx']}.npy"
         path = Path(dsir.log_importance_weights_dir) / name
-        rows = len(np.load(path, mmap_mode="r", allow_pickle=False))  # the header only
+        with open(path, "rb") as handle:
+            rows = read_npy_header(handle)[0][0]
         meta = Path(dsir.perexample_metadata_dir) / name
         eligible = np.ones(rows, dtype=bool)
         if meta.exists():
